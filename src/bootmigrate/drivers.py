@@ -1,0 +1,66 @@
+"""The one seam between motor and PyMongo's async API.
+
+Both drivers expose the same awaitable collection methods, so the seam is small: recognise
+the database object (and refuse a synchronous one with a clear message), give out collections
+with majority write concern, and read the server's clock.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pymongo import WriteConcern
+
+Driver = Literal["motor", "pymongo"]
+
+# Matched by name so that neither driver is imported unless the caller uses it.
+_ASYNC_DATABASE_TYPES: dict[str, Driver] = {
+    "motor.motor_asyncio.AsyncIOMotorDatabase": "motor",
+    "pymongo.asynchronous.database.AsyncDatabase": "pymongo",
+}
+
+MAJORITY = WriteConcern("majority")
+
+
+def detect_driver(db: object) -> Driver:
+    """Name the driver behind ``db``, or raise ``TypeError`` saying what to pass instead."""
+    for cls in type(db).__mro__:
+        driver = _ASYNC_DATABASE_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if driver is not None:
+            return driver
+    kind = f"{type(db).__module__}.{type(db).__qualname__}"
+    hint = ""
+    if kind == "pymongo.database.Database":
+        hint = " (a synchronous PyMongo database; use pymongo.AsyncMongoClient instead)"
+    raise TypeError(
+        f"bootmigrate needs an async database: motor's AsyncIOMotorClient()[name] or "
+        f"pymongo.AsyncMongoClient()[name]; got {kind}{hint}"
+    )
+
+
+def majority_collection(db: Any, name: str) -> Any:
+    """``db[name]`` with majority write concern, so a lock survives a primary failover."""
+    return db.get_collection(name, write_concern=MAJORITY)
+
+
+async def server_time(db: Any) -> datetime:
+    """The server's clock (``hello.localTime``), as naive UTC like the dates it stores."""
+    reply = await db.command("hello")
+    return as_naive_utc(reply["localTime"])
+
+
+def as_naive_utc(value: datetime) -> datetime:
+    """Drop the timezone after converting to UTC: clients may be ``tz_aware`` or not."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def address_of(db: Any) -> str:
+    """``host:port`` pairs the client was given, for error messages (never credentials)."""
+    try:
+        seeds = db.client.topology_description.server_descriptions()
+        return ", ".join(f"{host}:{port}" for host, port in seeds) or "unknown server"
+    except Exception:  # a description is only decoration for an error message
+        return "unknown server"

@@ -1,0 +1,225 @@
+"""Migrations: the :class:`Migration` record, loading it from files or packages, validation.
+
+Loading is pure: it imports code and checks it, and never touches the database, so a bad
+migration set is refused before any lock is taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import pkgutil
+import re
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Union
+
+from .errors import InvalidMigrations
+
+MigrationStep = Callable[..., Awaitable[Any]]
+MigrationSource = Union[str, "os.PathLike[str]", Iterable["Migration"]]
+
+_FILE_NAME = re.compile(r"^(?P<version>\d+)_(?P<name>\w+)$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration: ``up`` (and optionally ``down``) as ``async def step(db[, ctx])``.
+
+    ``idempotent=True`` declares that running ``up`` twice is harmless, which lets a process
+    that takes over from a dead holder re-run a migration the holder was interrupted in.
+    """
+
+    version: int
+    up: MigrationStep
+    down: MigrationStep | None = None
+    name: str = ""
+    idempotent: bool = False
+    description: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.description:
+            object.__setattr__(self, "description", self.name.replace("_", " "))
+
+    def label(self) -> str:
+        """``0007 backfill_emails``: how logs and errors name this migration."""
+        return f"{self.version:04d} {self.name}".rstrip()
+
+
+def load_migrations(source: MigrationSource) -> list[Migration]:
+    """Load and validate migrations from a directory, a dotted package name, or objects.
+
+    Returns them sorted by version. Raises :class:`InvalidMigrations` naming the offending
+    file or version for: duplicate versions, a file without a version prefix, a missing or
+    synchronous ``up``, a step with the wrong parameters, or a module that fails to import.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            found = _load_directory(path)
+        elif isinstance(source, str) and _looks_like_package(source):
+            found = _load_package(source)
+        else:
+            raise InvalidMigrations(
+                f"migrations source {str(source)!r} is neither a directory nor an importable "
+                "package; pass a directory path, a dotted package name, or Migration objects"
+            )
+    else:
+        found = list(source)
+        for item in found:
+            if not isinstance(item, Migration):
+                raise InvalidMigrations(
+                    f"expected Migration objects, got {type(item).__name__}: {item!r}"
+                )
+            _check_migration(item)
+    return _sorted_unique(found)
+
+
+def _looks_like_package(name: str) -> bool:
+    return all(part.isidentifier() or part.isdigit() for part in name.split("."))
+
+
+def _load_directory(directory: Path) -> list[Migration]:
+    # A per-directory prefix keeps two migration directories with equal file names apart
+    # in sys.modules.
+    digest = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
+    found = []
+    for file in sorted(directory.glob("*.py")):
+        if file.name.startswith("_"):
+            continue
+        version, name = _parse_file_name(file.stem, file)
+        module = _import_file(file, f"_bootmigrate_{digest}_{file.stem}")
+        found.append(_from_module(module, version, name, str(file)))
+    return found
+
+
+def _load_package(package_name: str) -> list[Migration]:
+    try:
+        package = importlib.import_module(package_name)
+    except ImportError as exc:
+        raise InvalidMigrations(
+            f"migrations package {package_name!r} cannot be imported: {exc}"
+        ) from exc
+    paths = getattr(package, "__path__", None)
+    if paths is None:
+        raise InvalidMigrations(
+            f"{package_name!r} is a module, not a package; migrations must be modules inside "
+            "a package (a directory with __init__.py)"
+        )
+    found = []
+    for info in sorted(pkgutil.iter_modules(paths), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        origin = f"{package_name}.{info.name}"
+        version, name = _parse_file_name(info.name, origin)
+        try:
+            module = importlib.import_module(origin)
+        except Exception as exc:
+            raise InvalidMigrations(f"migration {origin} failed to import: {exc!r}") from exc
+        found.append(_from_module(module, version, name, origin))
+    return found
+
+
+def _parse_file_name(stem: str, origin: object) -> tuple[int, str]:
+    match = _FILE_NAME.match(stem)
+    if match is None:
+        raise InvalidMigrations(
+            f"migration file {origin} has no version prefix; name it like "
+            f"0001_{stem if stem.isidentifier() else 'describe_change'}.py"
+        )
+    return int(match["version"]), match["name"]
+
+
+def _import_file(file: Path, module_name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise InvalidMigrations(f"migration file {file} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise InvalidMigrations(f"migration file {file} failed to import: {exc!r}") from exc
+    return module
+
+
+def _from_module(module: ModuleType, version: int, name: str, origin: str) -> Migration:
+    up = getattr(module, "up", None)
+    if up is None:
+        raise InvalidMigrations(f"migration {origin} defines no `async def up(db)`")
+    doc = (module.__doc__ or "").strip().splitlines()
+    migration = Migration(
+        version=version,
+        up=up,
+        down=getattr(module, "down", None),
+        name=name,
+        idempotent=bool(getattr(module, "idempotent", False)),
+        description=doc[0] if doc else "",
+        source=origin,
+    )
+    _check_migration(migration)
+    return migration
+
+
+def _check_migration(migration: Migration) -> None:
+    where = migration.source or f"version {migration.version!r}"
+    if (
+        isinstance(migration.version, bool)
+        or not isinstance(migration.version, int)
+        or migration.version <= 0
+    ):
+        raise InvalidMigrations(
+            f"migration {where}: version must be a positive int, got {migration.version!r}"
+        )
+    _check_step(migration.up, "up", where)
+    if migration.down is not None:
+        _check_step(migration.down, "down", where)
+
+
+def _check_step(step: object, kind: str, where: str) -> None:
+    if not callable(step):
+        raise InvalidMigrations(f"migration {where}: `{kind}` is not callable")
+    if not inspect.iscoroutinefunction(step):
+        raise InvalidMigrations(
+            f"migration {where}: `{kind}` must be declared `async def {kind}(db)`; "
+            "a synchronous function would block every replica's event loop"
+        )
+    try:
+        count = step_arity(step)
+    except ValueError:
+        return
+    if count not in (1, 2):
+        raise InvalidMigrations(
+            f"migration {where}: `{kind}` takes {count} positional parameters; "
+            f"declare `async def {kind}(db)` or `async def {kind}(db, ctx)`"
+        )
+
+
+def step_arity(step: object) -> int:
+    """How many positional parameters a step takes (1: ``db``; 2: ``db, ctx``)."""
+    params = inspect.signature(step).parameters.values()  # type: ignore[arg-type]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _sorted_unique(found: list[Migration]) -> list[Migration]:
+    by_version: dict[int, Migration] = {}
+    for migration in found:
+        other = by_version.get(migration.version)
+        if other is not None:
+            raise InvalidMigrations(
+                f"version {migration.version} is declared twice: by "
+                f"{other.source or other.name!r} and by {migration.source or migration.name!r}; "
+                "give one of them the next free version"
+            )
+        by_version[migration.version] = migration
+    return [by_version[v] for v in sorted(by_version)]

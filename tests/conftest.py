@@ -1,0 +1,82 @@
+"""Fixtures: a real MongoDB-wire server (SecantusDB, or MONGODB_URI) and both async drivers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import DRIVERS, SecantusDaemon, close_client, make_client
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # motor runs on asyncio only
+
+
+@pytest.fixture(scope="module")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server per test module: SecantusDB slows down after many writes in one life."""
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    server = SecantusDaemon(tmp_path_factory.mktemp("secantus"))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_name() -> str:
+    return f"bm_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def client(driver: str, mongo_uri: str) -> AsyncIterator[Any]:
+    client = make_client(driver, mongo_uri, serverSelectionTimeoutMS=5000)
+    yield client
+    await close_client(client)
+
+
+@pytest.fixture
+async def db(client: Any, db_name: str) -> AsyncIterator[Any]:
+    yield client[db_name]
+    await client.drop_database(db_name)
+
+
+class LogRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def has(self, fragment: str) -> bool:
+        return any(fragment in m for m in self.messages())
+
+
+@pytest.fixture
+def bootmigrate_log() -> Iterator[LogRecorder]:
+    recorder = LogRecorder()
+    logger = logging.getLogger("bootmigrate")
+    previous = logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.DEBUG)
+    yield recorder
+    logger.removeHandler(recorder)
+    logger.setLevel(previous)

@@ -1,0 +1,83 @@
+"""In-process migration builders for integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+from bootmigrate import Migration
+from bootmigrate.drivers import server_time
+
+
+def recorder(
+    version: int,
+    *,
+    idempotent: bool = False,
+    down: bool = True,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> Migration:
+    """A migration that appends its version to ``db.ran`` (and removes it on down)."""
+
+    async def up(db: Any) -> None:
+        if before is not None:
+            await before()
+        await db.ran.insert_one({"version": version, "direction": "up"})
+
+    async def undo(db: Any) -> None:
+        await db.ran.insert_one({"version": version, "direction": "down"})
+
+    return Migration(
+        version=version,
+        up=up,
+        down=undo if down else None,
+        name=f"step_{version}",
+        idempotent=idempotent,
+    )
+
+
+def recorders(*versions: int, **options: Any) -> list[Migration]:
+    return [recorder(v, **options) for v in versions]
+
+
+async def ran(db: Any) -> list[tuple[int, str]]:
+    docs = await db.ran.find({}, sort=[("_id", 1)]).to_list(None)
+    return [(d["version"], d["direction"]) for d in docs]
+
+
+async def control(db: Any) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await db.migrations.find_one({"_id": "control"})
+    return doc
+
+
+async def history(db: Any) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = await db.migrations_history.find({}, sort=[("_id", 1)]).to_list(
+        None
+    )
+    return docs
+
+
+async def dead_holder_lock(
+    db: Any,
+    *,
+    version: int,
+    running: int | None,
+    silent_for: float = 3600.0,
+    lease: float = 30.0,
+    token: int = 7,
+) -> None:
+    """Write the control document a holder killed ``silent_for`` seconds ago leaves behind."""
+    beat = await server_time(db) - timedelta(seconds=silent_for)
+    doc: dict[str, Any] = {
+        "_id": "control",
+        "locked": True,
+        "version": version,
+        "token": token,
+        "beats": 3,
+        "heartbeat": beat,
+        "locked_at": beat,
+        "owner": {"host": "deadhost", "pid": 4242, "build": "old", "lease": lease, "id": "x"},
+    }
+    if running is not None:
+        doc["running"] = {"version": running, "name": f"step_{running}", "direction": "up"}
+    await db.migrations.replace_one({"_id": "control"}, doc, upsert=True)
