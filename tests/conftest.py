@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 from tests.support import DRIVERS, SecantusDaemon, close_client, make_client
@@ -56,12 +57,26 @@ async def db(client: Any, db_name: str) -> AsyncIterator[Any]:
 
 
 class LogRecorder(logging.Handler):
+    """Keeps bootmigrate's log records, and lets a test await one."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self._waiters: list[tuple[str, anyio.Event]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        for fragment, event in self._waiters:
+            if fragment in record.getMessage():
+                event.set()
+
+    async def wait_for(self, fragment: str, seconds: float = 20.0) -> None:
+        if self.has(fragment):
+            return
+        event = anyio.Event()
+        self._waiters.append((fragment, event))
+        with anyio.fail_after(seconds):
+            await event.wait()
 
     def messages(self) -> list[str]:
         return [r.getMessage() for r in self.records]

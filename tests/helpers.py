@@ -36,6 +36,15 @@ def recorder(
     )
 
 
+def announce(event: Any) -> Callable[[], Awaitable[None]]:
+    """A ``before`` hook that sets ``event``: the migration started, so the lock is held."""
+
+    async def hook() -> None:
+        event.set()
+
+    return hook
+
+
 def recorders(*versions: int, **options: Any) -> list[Migration]:
     return [recorder(v, **options) for v in versions]
 

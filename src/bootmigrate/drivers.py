@@ -31,7 +31,7 @@ def detect_driver(db: object) -> Driver:
             return driver
     kind = f"{type(db).__module__}.{type(db).__qualname__}"
     hint = ""
-    if kind == "pymongo.database.Database":
+    if kind in ("pymongo.database.Database", "pymongo.synchronous.database.Database"):
         hint = " (a synchronous PyMongo database; use pymongo.AsyncMongoClient instead)"
     raise TypeError(
         f"bootmigrate needs an async database: motor's AsyncIOMotorClient()[name] or "

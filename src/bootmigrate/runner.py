@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -484,6 +485,8 @@ class _Runner:
         try:
             result = await self._call(step)
             if result is not None:
+                if inspect.iscoroutine(result):
+                    result.close()  # never awaited by us: silence the warning, keep the error
                 raise TypeError(
                     f"{step.direction} returned {result!r}; a migration step must return None "
                     "(was an `await` forgotten?)"

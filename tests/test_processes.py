@@ -1,0 +1,174 @@
+"""Real OS processes against the real server: the boot race, a killed holder, a paused one."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from tests.support import Worker, recording_migrations, wait_until
+
+pytestmark = pytest.mark.multiprocess
+
+RACERS = 16
+
+
+@pytest.fixture
+def sync_db(mongo_uri: str, db_name: str) -> Any:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    yield client[db_name]
+    client.drop_database(db_name)
+    client.close()
+
+
+def server_now(db: Any) -> Any:
+    return db.command("hello")["localTime"]
+
+
+def test_boot_race_runs_each_migration_exactly_once(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    migrations = recording_migrations(tmp_path / "m", 3, seconds=0.3)
+    workers = [
+        Worker.start(
+            uri=mongo_uri,
+            db=sync_db.name,
+            driver=driver,
+            migrations=migrations,
+            barrier=True,
+            wait_timeout=60,
+            lease=5,
+        )
+        for _ in range(RACERS)
+    ]
+    try:
+        for worker in workers:
+            assert worker.read_event()["event"] == "ready"
+        for worker in workers:  # all connected and waiting: release them together
+            worker.go()
+        results = [worker.result() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+
+    assert [r["exit_code"] for r in results] == [0] * RACERS, results
+    holders = [(w.pid, r) for w, r in zip(workers, results, strict=True) if r["holder"]]
+    assert len(holders) == 1, results
+    holder_pid, holder = holders[0]
+    assert holder["applied"] == [1, 2, 3]
+    assert all(r["applied"] == [] and r["to_version"] == 3 for r in results if not r["holder"])
+    ran = list(sync_db.ran.find({}, {"_id": 0, "version": 1, "pid": 1}))
+    assert Counter(d["version"] for d in ran) == {1: 1, 2: 1, 3: 1}
+    assert {d["pid"] for d in ran} == {holder_pid}
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"], control["token"]) == (False, 3, 1)
+    outcomes = [(h["version"], h["outcome"]) for h in sync_db.migrations_history.find()]
+    assert outcomes == [(1, "applied"), (2, "applied"), (3, "applied")]
+
+
+def _start_blocked_holder(
+    sync_db: Any, mongo_uri: str, driver: str, migrations: Path, lease: float
+) -> Worker:
+    holder = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        env={"BM_BLOCK_AT": "1"},
+        lease=lease,
+    )
+    wait_until(
+        lambda: sync_db.ran.find_one({"version": 1, "pid": holder.pid}),
+        30,
+        "the holder to start migration 1",
+    )
+    return holder
+
+
+@pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent", "plain"])
+def test_killed_holder_is_taken_over_only_after_its_lease(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, idempotent: bool
+) -> None:
+    lease = 1.5
+    migrations = recording_migrations(tmp_path / "m", 3, idempotent=idempotent)
+    holder = _start_blocked_holder(sync_db, mongo_uri, driver, migrations, lease)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.kill()
+    dead = sync_db.migrations.find_one({"_id": "control"})
+    assert dead["locked"] and dead["running"]["version"] == 1
+
+    taker = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        lease=lease,
+        wait_timeout=30,
+    )
+    result = taker.result()
+
+    if not idempotent:
+        assert (result["exit_code"], result["error"]) == (1, "ControlLocked")
+        assert "was interrupted" in result["message"]
+        stuck = sync_db.migrations.find_one({"_id": "control"})
+        assert stuck["locked"] and stuck["failure"]["kind"] == "interrupted"
+        assert stuck["version"] == 0
+        return
+    assert result["exit_code"] == 0, result
+    assert (result["holder"], result["applied"]) == (True, [1, 2, 3])
+    assert result["waited"] > 0
+    rerun = sync_db.ran.find_one({"version": 1, "pid": taker.pid})
+    # Both instants are the server's: the takeover came a full lease after the last beat.
+    taken_at = rerun["control"]["locked_at"]
+    assert (taken_at - dead["heartbeat"]).total_seconds() >= lease
+    assert rerun["control"]["token"] == dead["token"] + 1
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"]) == (False, 3)
+
+
+def test_paused_holder_is_fenced_and_writes_nothing_when_resumed(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    lease = 1.5
+    migrations = recording_migrations(tmp_path / "m", 2, idempotent=True)
+    holder = _start_blocked_holder(sync_db, mongo_uri, driver, migrations, lease)
+    try:
+        os.kill(holder.pid, signal.SIGSTOP)
+        paused = sync_db.migrations.find_one({"_id": "control"})
+        wait_until(
+            lambda: (server_now(sync_db) - paused["heartbeat"]).total_seconds() > lease,
+            30,
+            "the paused holder's lease to expire",
+        )
+
+        taker = Worker.start(
+            uri=mongo_uri,
+            db=sync_db.name,
+            driver=driver,
+            migrations=migrations,
+            lease=lease,
+            wait_timeout=30,
+        )
+        taken = taker.result()
+        assert taken["exit_code"] == 0, taken
+        assert (taken["holder"], taken["applied"]) == (True, [1, 2])
+        settled = sync_db.migrations.find_one({"_id": "control"})
+        history_count = sync_db.migrations_history.count_documents({})
+        ran_count = sync_db.ran.count_documents({})
+
+        os.kill(holder.pid, signal.SIGCONT)
+        resumed = holder.result()
+    finally:
+        holder.kill()
+
+    assert (resumed["exit_code"], resumed["error"]) == (1, "LockLost")
+    assert sync_db.migrations.find_one({"_id": "control"}) == settled
+    assert sync_db.migrations_history.count_documents({}) == history_count
+    assert sync_db.migrations_history.count_documents({"pid": holder.pid}) == 0
+    assert sync_db.ran.count_documents({}) == ran_count
+    assert (settled["locked"], settled["version"]) == (False, 2)

@@ -1,0 +1,210 @@
+"""Semantics 3, 4 and 5 in one process: waiting, the lease, takeover, and fencing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from bootmigrate import ControlLocked, LockLost, Migration, migrate
+from tests.helpers import announce, control, dead_holder_lock, history, ran, recorder, recorders
+from tests.support import close_client, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def other_db(driver: str, mongo_uri: str, db_name: str) -> Any:
+    """The same database through a second client, as another replica would see it."""
+    client = make_client(driver, mongo_uri)
+    yield client[db_name]
+    await close_client(client)
+
+
+async def test_waiter_returns_when_the_holder_finishes_without_taking_the_lock(
+    db: Any, other_db: Any, bootmigrate_log: Any
+) -> None:
+    release = anyio.Event()
+
+    async def slow(db: Any) -> None:
+        await release.wait()
+        await db.ran.insert_one({"version": 2, "direction": "up"})
+
+    locked = anyio.Event()
+    migrations = [recorder(1, before=announce(locked)), Migration(version=2, up=slow, name="slow")]
+    reports: dict[str, Any] = {}
+
+    async def run(name: str, target_db: Any) -> None:
+        reports[name] = await migrate(target_db, migrations, wait_timeout=30)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run, "holder", db)
+        await locked.wait()
+        tasks.start_soon(run, "waiter", other_db)
+        await bootmigrate_log.wait_for("waiting for")
+        release.set()
+
+    holder, waiter = reports["holder"], reports["waiter"]
+    assert (holder.holder, holder.applied) == (True, [1, 2])
+    assert (waiter.holder, waiter.applied, waiter.to_version) == (False, [], 2)
+    assert waiter.waited > 0
+    assert await ran(db) == [(1, "up"), (2, "up")]
+
+
+async def test_wait_timeout_names_the_holder(db: Any, other_db: Any) -> None:
+    release, locked = anyio.Event(), anyio.Event()
+
+    async def blocked(db: Any) -> None:
+        locked.set()
+        await release.wait()
+
+    migrations = [Migration(version=1, up=blocked, name="blocked")]
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: migrate(db, migrations, build="b-holder"))
+        await locked.wait()
+        with pytest.raises(ControlLocked) as caught:
+            await migrate(other_db, migrations, wait_timeout=0.5)
+        release.set()
+
+    message = str(caught.value)
+    assert "gave up after 0.5 s" in message
+    assert "build b-holder" in message and "running migration 1" in message
+
+
+async def test_a_live_holder_is_never_taken_over_however_long_it_runs(
+    db: Any, other_db: Any
+) -> None:
+    """The migration runs for six leases; the heartbeat keeps the lock alive throughout."""
+    lease = 0.3
+    beats: list[int] = []
+    locked = anyio.Event()
+
+    async def long(db: Any) -> None:
+        locked.set()
+        for _ in range(18):
+            await anyio.sleep(0.1)
+            beats.append((await control(db) or {}).get("beats", 0))
+        await db.ran.insert_one({"version": 1, "direction": "up"})
+
+    migrations = [Migration(version=1, up=long, name="long", idempotent=True)]
+    reports: dict[str, Any] = {}
+
+    async def run(name: str, target_db: Any) -> None:
+        reports[name] = await migrate(
+            target_db, migrations, lease=lease, wait_timeout=30, max_poll_interval=0.05
+        )
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run, "holder", db)
+        await locked.wait()
+        tasks.start_soon(run, "waiter", other_db)
+
+    assert reports["holder"].holder and not reports["waiter"].holder
+    assert await ran(db) == [(1, "up")]
+    assert beats[-1] >= 4, beats  # heartbeats kept coming during the migration
+
+
+async def test_dead_holder_between_migrations_is_taken_over_and_the_job_finished(
+    db: Any, bootmigrate_log: Any
+) -> None:
+    await dead_holder_lock(db, version=1, running=None)
+
+    report = await migrate(db, recorders(1, 2, 3))
+
+    assert (report.holder, report.applied) == (True, [2, 3])
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"], doc["token"]) == (False, 3, 8)
+    assert bootmigrate_log.has("taking over the migration lock from deadhost (pid 4242")
+
+
+async def test_dead_holder_inside_an_idempotent_migration_has_it_rerun(db: Any) -> None:
+    await dead_holder_lock(db, version=1, running=2)
+
+    report = await migrate(db, [recorder(1), recorder(2, idempotent=True), recorder(3)])
+
+    assert report.applied == [2, 3]
+
+
+async def test_dead_holder_inside_a_plain_migration_leaves_it_stuck_as_interrupted(
+    db: Any,
+) -> None:
+    await dead_holder_lock(db, version=1, running=2)
+
+    with pytest.raises(ControlLocked) as caught:
+        await migrate(db, recorders(1, 2, 3))
+
+    assert "migration 2 step_2 was interrupted on deadhost (pid 4242)" in str(caught.value)
+    assert "bootmigrate unlock" in str(caught.value)
+    doc = await control(db)
+    assert doc is not None and doc["locked"] is True and doc["version"] == 1
+    assert (doc["failure"]["kind"], doc["failure"]["version"]) == ("interrupted", 2)
+    assert await ran(db) == []
+    assert [(r["version"], r["outcome"]) for r in await history(db)] == [(2, "interrupted")]
+
+
+async def test_a_holder_within_its_lease_is_waited_for_not_taken_over(db: Any) -> None:
+    await dead_holder_lock(db, version=1, running=2, silent_for=5, lease=3600)
+
+    with pytest.raises(ControlLocked, match="held by deadhost"):
+        await migrate(db, recorders(1, 2, 3), wait_timeout=0.3)
+
+    assert (await control(db) or {})["token"] == 7  # untouched
+
+
+async def test_the_holders_own_lease_decides_not_the_waiters(db: Any) -> None:
+    await dead_holder_lock(db, version=1, running=None, silent_for=60, lease=600)
+
+    with pytest.raises(ControlLocked):
+        await migrate(db, recorders(1, 2), lease=1, wait_timeout=0.3)
+
+
+async def test_a_lock_without_a_lease_is_never_taken_over(db: Any) -> None:
+    await db.migrations.insert_one({"_id": "control", "locked": True, "version": 1})
+
+    with pytest.raises(ControlLocked) as caught:
+        await migrate(db, recorders(1, 2), wait_timeout=0.3)
+
+    assert "records no owner" in str(caught.value)
+    assert await control(db) == {"_id": "control", "locked": True, "version": 1}
+
+
+async def test_fenced_holder_writes_nothing_after_its_lock_is_taken(db: Any) -> None:
+    """A hook inside migration 2 plays the process that took the lock over meanwhile."""
+
+    async def taken_over_meanwhile(db: Any) -> None:
+        await db.migrations.update_one(
+            {"_id": "control"}, {"$inc": {"token": 1}, "$set": {"owner.host": "newholder"}}
+        )
+
+    migrations = [
+        recorder(1),
+        Migration(version=2, up=taken_over_meanwhile, name="hook"),
+        recorder(3),
+    ]
+
+    with pytest.raises(LockLost, match="lost the migration lock"):
+        await migrate(db, migrations)
+
+    doc = await control(db)
+    assert doc is not None
+    assert (doc["version"], doc["token"], doc["owner"]["host"]) == (1, 2, "newholder")
+    assert await ran(db) == [(1, "up")]
+    assert [r["version"] for r in await history(db)] == [1]
+
+
+async def test_holder_that_cannot_heartbeat_stops_itself(db: Any) -> None:
+    """Its heartbeat finds the lock gone: the running migration is cancelled, nothing written."""
+
+    async def lose_lock_then_wait(db: Any) -> None:
+        await db.migrations.update_one({"_id": "control"}, {"$inc": {"token": 1}})
+        await anyio.sleep(30)  # cancelled by the failed heartbeat long before this ends
+
+    migrations = [Migration(version=1, up=lose_lock_then_wait, name="slow")]
+
+    with anyio.fail_after(10), pytest.raises(LockLost):
+        await migrate(db, migrations, lease=0.3)
+
+    doc = await control(db)
+    assert doc is not None and doc["version"] == 0 and "failure" not in doc
+    assert await history(db) == []
