@@ -19,6 +19,18 @@ def anyio_backend() -> str:
     return "asyncio"  # motor runs on asyncio only
 
 
+@pytest.fixture(autouse=True)
+def _operator_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests say what they want; an operator's variables in the shell must not leak in."""
+    for name in (
+        "MIGRATION_VERSION",
+        "BOOTMIGRATE_BUILD",
+        "BOOTMIGRATE_DB",
+        "BOOTMIGRATE_MIGRATIONS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server per test module: SecantusDB slows down after many writes in one life."""

@@ -16,6 +16,9 @@ Every function here is one round trip; the decisions are the runner's.
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,6 +43,17 @@ class Owner:
     build: str | None
     lease: float
     id: str
+
+    @classmethod
+    def this_process(cls, build: str | None, lease: float) -> Owner:
+        """This process, with a fresh id; ``build`` defaults to ``BOOTMIGRATE_BUILD``."""
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            build=build if build is not None else os.environ.get("BOOTMIGRATE_BUILD"),
+            lease=lease,
+            id=uuid.uuid4().hex,
+        )
 
     def as_document(self) -> dict[str, Any]:
         return {
@@ -250,6 +264,21 @@ class ControlStore:
         )
         return bool(result.modified_count)
 
+    async def unlock(self, seen: Control) -> bool:
+        """An operator's unlock, only if nothing changed since ``seen``."""
+        result = await self._coll.update_one(
+            _unchanged(seen),
+            {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}},
+        )
+        return bool(result.modified_count)
+
+    async def set_version(self, seen: Control, version: int) -> bool:
+        """An operator's version change (a skip), only if nothing changed since ``seen``."""
+        if not seen.exists:
+            return await self.create(version=version, owner=None, running=None) is not None
+        result = await self._coll.update_one(_unchanged(seen), {"$set": {"version": version}})
+        return bool(result.matched_count)
+
     async def heartbeat(self, token: int) -> bool:
         """Refresh the lease on the server's clock; ``False`` once the lock is no longer ours."""
         result = await self._coll.update_one(
@@ -300,3 +329,15 @@ class ControlStore:
                 "document and history to see what the new holder did."
             )
         return parse_control(doc, self.name)
+
+
+def _unchanged(seen: Control) -> dict[str, Any]:
+    """A filter that matches the control document only as it was when read."""
+    return {
+        "_id": CONTROL_ID,
+        "locked": seen.locked,
+        "version": seen.version,
+        # None matches a missing field too, as in a document written by Rocket.Chat.
+        "token": seen.raw.get("token"),
+        "beats": seen.raw.get("beats"),
+    }

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from .control import Owner
 
-Outcome = Literal["applied", "failed", "interrupted", "skipped"]
+Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
 Direction = Literal["up", "down", "rerun"]
 
 # Enough of a traceback to find the failing line without bloating the control document.
@@ -38,8 +38,9 @@ class History:
         *,
         version: int,
         name: str,
-        direction: Direction,
+        direction: Direction | None,
         outcome: Outcome,
+        action: str | None = None,
         started_at: datetime | None = None,
         duration: float | None = None,
         token: int | None = None,
@@ -63,6 +64,8 @@ class History:
         }
         if error is not None:
             doc.update(error_fields(error))
+        if action:
+            doc["action"] = action
         if note:
             doc["note"] = note
         await self._coll.insert_one(doc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .control import Control
 from .errors import DatabaseAhead, InvalidMigrations, InvalidTarget, UnsupportedUpgrade
 from .migrations import Migration
 
@@ -89,6 +90,12 @@ def make_plan(
         steps = tuple(Step(m, "up", m.version) for m in known if version < m.version <= wanted)
         return Plan(version, wanted, steps)
     if version > wanted:
+        lowest = default_floor(known) if floor is None else floor
+        if wanted < lowest:
+            raise InvalidTarget(
+                f"cannot migrate down to {wanted}: below version {lowest}, the oldest this "
+                f"build knows how to reach (its migrations: {_span(known)})"
+            )
         undo = [m for m in reversed(known) if wanted < m.version <= version]
         missing = [m.label() for m in undo if m.down is None]
         if missing:
@@ -117,6 +124,26 @@ def make_rerun_plan(version: int, known: list[Migration], rerun: int) -> Plan:
             "not been applied yet; migrate up instead"
         )
     return Plan(version, version, (Step(found[0], "rerun", version),))
+
+
+def plan_for(
+    control: Control,
+    known: list[Migration],
+    *,
+    target: Target = "latest",
+    floor: int | None = None,
+    rerun: int | None = None,
+) -> Plan:
+    """The plan of a call that read ``control``: a rerun, or a move to ``target``."""
+    if rerun is not None:
+        return make_rerun_plan(control.version, known, rerun)
+    return make_plan(
+        control.version,
+        known,
+        target,
+        floor=floor,
+        fresh=not control.exists or control.version == 0,
+    )
 
 
 def default_floor(known: list[Migration]) -> int:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import socket
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, NoReturn
 
@@ -26,16 +24,18 @@ from tenacity import (
 
 from .control import Control, ControlStore, Owner
 from .drivers import address_of, detect_driver, majority_collection, server_time
+from .envvar import ENV_VAR, VersionRequest, parse_version_request
 from .errors import (
     ControlLocked,
     DatabaseAhead,
     DatabaseUnavailable,
+    InvalidTarget,
     LockLost,
     MigrationFailed,
 )
 from .history import History, error_fields, utc_now
 from .migrations import Migration, MigrationSource, load_migrations, step_arity
-from .plan import Plan, Step, Target, latest_version, make_plan, make_rerun_plan
+from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
 
 log = logging.getLogger("bootmigrate")
 
@@ -54,6 +54,7 @@ class MigrationReport:
     waited: float = 0.0
     holder: bool = False
     ahead: bool = False
+    exit_requested: bool = False
 
 
 @dataclass
@@ -108,8 +109,17 @@ async def migrate(
     ``rerun=N`` runs migration ``N``'s ``up`` again under the lock without changing the
     version. ``floor`` is the oldest database version this build upgrades from (default:
     the version just before its oldest migration).
+
+    When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
+    is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
+    the caller can exit once migrated.
     """
     detect_driver(db)
+    request = None
+    if target == "latest" and rerun is None:
+        request = parse_version_request(os.environ.get(ENV_VAR))
+        if request is not None:
+            target, rerun = request.target, request.rerun
     _check_options(
         wait_timeout=wait_timeout,
         lease=lease,
@@ -118,19 +128,15 @@ async def migrate(
         max_poll_interval=max_poll_interval,
     )
     known = load_migrations(migrations)
+    if request is not None:
+        _check_request(request, known)
     runner = _Runner(
         db,
         known,
         target=target,
         control=ControlStore(majority_collection(db, collection)),
         history_name=history_collection or f"{collection}_history",
-        owner=Owner(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            build=build if build is not None else os.environ.get("BOOTMIGRATE_BUILD"),
-            lease=lease,
-            id=uuid.uuid4().hex,
-        ),
+        owner=Owner.this_process(build, lease),
         wait_timeout=wait_timeout,
         fresh=fresh,
         on_ahead=on_ahead,
@@ -138,7 +144,18 @@ async def migrate(
         rerun=rerun,
         max_poll_interval=max_poll_interval,
     )
-    return await runner.run()
+    report = await runner.run()
+    if request is not None and request.exit:
+        report = replace(report, exit_requested=True)
+    return report
+
+
+def _check_request(request: VersionRequest, known: list[Migration]) -> None:
+    wanted = request.rerun if request.rerun is not None else request.target
+    try:
+        resolve_target(wanted, known)
+    except InvalidTarget as exc:
+        raise InvalidTarget(f"{ENV_VAR}={os.environ.get(ENV_VAR)!r}: {exc}") from None
 
 
 def _check_options(**options: Any) -> None:
@@ -257,15 +274,7 @@ class _Runner:
         return control
 
     def _plan(self, control: Control) -> Plan:
-        if self.rerun is not None:
-            return make_rerun_plan(control.version, self.known, self.rerun)
-        return make_plan(
-            control.version,
-            self.known,
-            self.target,
-            floor=self.floor,
-            fresh=not control.exists or control.version == 0,
-        )
+        return plan_for(control, self.known, target=self.target, floor=self.floor, rerun=self.rerun)
 
     async def _nothing_to_do(self, control: Control, plan: Plan) -> MigrationReport:
         if plan.ahead:

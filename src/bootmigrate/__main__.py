@@ -1,0 +1,5 @@
+"""``python -m bootmigrate``: the operator CLI."""
+
+from .cli import main
+
+main()

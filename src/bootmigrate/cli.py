@@ -1,0 +1,573 @@
+"""The operator CLI: ``bootmigrate`` (also ``python -m bootmigrate``).
+
+A thin shell: parse, connect, call the library (:mod:`bootmigrate.commands`,
+:func:`bootmigrate.migrate`), print a table or JSON, and map the outcome to an exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import commands
+from .drivers import address_of
+from .errors import MigrationError
+from .plan import Plan, Target
+from .runner import MigrationReport, migrate
+
+# Exit codes, for scripts and probes.
+OK = 0
+ERROR = 1  # 2 is click's own, for a usage error
+PENDING = 3
+LOCKED = 4
+STUCK = 5
+
+STATE_EXIT = {
+    "up-to-date": OK,
+    "ahead": OK,
+    "pending": PENDING,
+    "locked": LOCKED,
+    "stuck": STUCK,
+    "unsupported": ERROR,
+}
+
+T = TypeVar("T")
+
+
+class Failure(Exception):
+    """An error to print as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, code: int = ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Session:
+    """The options every command shares, and the connection made from them."""
+
+    def __init__(
+        self,
+        uri: str,
+        db: str | None,
+        migrations: str,
+        collection: str,
+        timeout: float,
+        driver: str,
+        as_json: bool,
+        debug: bool,
+    ) -> None:
+        self.uri = uri
+        self.db_name = db
+        self.migrations = migrations
+        self.collection = collection
+        self.timeout = timeout
+        self.driver = driver
+        self.as_json = as_json
+        self.debug = debug
+        # Piped output (logs, scripts) gets wide lines rather than 80-column folding.
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+    def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Connect (within ``--timeout``), run ``work(db)``, close."""
+
+        async def main() -> T:
+            client = self._client()
+            try:
+                db = self._database(client)
+                await self._ping(db)
+                return await work(db)
+            finally:
+                closed = client.close()
+                if closed is not None:
+                    await closed
+
+        return anyio.run(main)
+
+    def _client(self) -> Any:
+        options: dict[str, Any] = {
+            "serverSelectionTimeoutMS": int(self.timeout * 1000),
+            "connectTimeoutMS": int(self.timeout * 1000),
+        }
+        if self.driver == "motor":
+            from motor.motor_asyncio import AsyncIOMotorClient
+
+            return AsyncIOMotorClient(self.uri, **options)
+        from pymongo import AsyncMongoClient
+
+        return AsyncMongoClient(self.uri, **options)
+
+    def _database(self, client: Any) -> Any:
+        if self.db_name:
+            return client[self.db_name]
+        from pymongo.errors import ConfigurationError
+
+        try:
+            return client.get_default_database()
+        except ConfigurationError:
+            raise Failure(
+                "no database named: pass --db, set BOOTMIGRATE_DB, or put it in the URI "
+                "(mongodb://host/NAME)"
+            ) from None
+
+    async def _ping(self, db: Any) -> None:
+        from pymongo.errors import PyMongoError
+
+        try:
+            with anyio.fail_after(self.timeout + 1):
+                await db.command("ping")
+        except (PyMongoError, TimeoutError) as exc:
+            # The driver's message goes on to describe its whole topology; keep the cause.
+            reason = re.split(r" \(configured timeouts|, Timeout:", str(exc))[0]
+            raise Failure(
+                f"cannot reach MongoDB at {address_of(db)} within {self.timeout:g} s "
+                f"(--timeout): {reason}"
+            ) from None
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, default=_json_default))
+        else:
+            human()
+
+    def confirm(self, question: str, yes: bool) -> None:
+        if yes:
+            return
+        if not sys.stdin.isatty():
+            raise Failure(
+                "refusing to continue without confirmation: stdin is not a terminal; "
+                "pass --yes to confirm"
+            )
+        if not click.confirm(question, default=False):
+            raise Failure("cancelled; nothing was changed")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat() + ("Z" if value.tzinfo is None else "")
+    return str(value)
+
+
+def common(command: Callable[..., int | None]) -> Callable[..., None]:
+    """Shared options, one-line errors, and the exit code, for every command."""
+
+    @click.option(
+        "--uri",
+        envvar="MONGODB_URI",
+        default="mongodb://localhost:27017",
+        show_default=True,
+        help="Connection string (env MONGODB_URI).",
+    )
+    @click.option(
+        "--db",
+        "db",
+        envvar="BOOTMIGRATE_DB",
+        help="Database name (env BOOTMIGRATE_DB; default: the one in the URI).",
+    )
+    @click.option(
+        "--migrations",
+        envvar="BOOTMIGRATE_MIGRATIONS",
+        default="migrations",
+        show_default=True,
+        help="Migrations directory or dotted package (env BOOTMIGRATE_MIGRATIONS).",
+    )
+    @click.option(
+        "--collection",
+        default="migrations",
+        show_default=True,
+        help="Collection holding the control document.",
+    )
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=10.0,
+        show_default=True,
+        help="Seconds to wait for the server to answer.",
+    )
+    @click.option(
+        "--driver",
+        envvar="BOOTMIGRATE_DRIVER",
+        type=click.Choice(["pymongo", "motor"]),
+        default="pymongo",
+        show_default=True,
+        help="Async driver to connect with.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks and the library's log.")
+    @click.option("-v", "--verbose", is_flag=True, help="Show progress lines on stderr.")
+    @functools.wraps(command)
+    def wrapper(
+        uri: str,
+        db: str | None,
+        migrations: str,
+        collection: str,
+        timeout: float,
+        driver: str,
+        as_json: bool,
+        debug: bool,
+        verbose: bool,
+        **kwargs: Any,
+    ) -> None:
+        _configure_logging(debug=debug, verbose=verbose)
+        session = Session(uri, db, migrations, collection, timeout, driver, as_json, debug)
+        try:
+            code = command(session, **kwargs) or OK
+        except (Failure, MigrationError) as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            code = exc.code if isinstance(exc, Failure) else ERROR
+        except Exception as exc:
+            if debug:
+                raise
+            click.echo(
+                f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                err=True,
+            )
+            code = ERROR
+        sys.exit(code)
+
+    return wrapper
+
+
+def _configure_logging(*, debug: bool, verbose: bool) -> None:
+    # The library logs its failures too; the error line says it once, unless asked for more.
+    logger = logging.getLogger("bootmigrate")
+    logger.propagate = False
+    if debug or verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bootmigrate")
+def main() -> None:
+    """See and drive bootmigrate's MongoDB migrations without hand-editing the database.
+
+    Exit codes: 0 success (status: up to date), 1 error, 2 usage, 3 pending migrations,
+    4 locked by a running migration, 5 stuck after a failure.
+    """
+
+
+@main.command()
+@common
+def status(session: Session) -> int:
+    """Version, pending migrations and lock state. Exit 0 up to date, 3 pending, 4 locked,
+    5 stuck."""
+    found = session.run(
+        lambda db: commands.status(db, session.migrations, collection=session.collection)
+    )
+    session.emit(found.as_json(), lambda: _print_status(session, found))
+    return STATE_EXIT[found.state]
+
+
+@main.command("plan")
+@click.option("--to", "to", type=int, help="Target version (default: latest).")
+@common
+def plan_command(session: Session, to: int | None) -> None:
+    """What `up` (or `--to N`) would run, without running it: no lock, no writes."""
+    target: Target = "latest" if to is None else to
+    found = session.run(
+        lambda db: commands.plan(
+            db, session.migrations, target=target, collection=session.collection
+        )
+    )
+    session.emit(_plan_json(found), lambda: _print_plan(session, found))
+
+
+@main.command()
+@click.option("--to", "to", type=int, help="Target version (default: latest).")
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for another process's lock.",
+)
+@common
+def up(session: Session, to: int | None, wait_timeout: float) -> None:
+    """Apply pending migrations (up to --to N)."""
+    found = session.run(
+        lambda db: commands.plan(
+            db,
+            session.migrations,
+            collection=session.collection,
+            target="latest" if to is None else to,
+        )
+    )
+    if to is not None and found.to_version < found.from_version:
+        raise Failure(
+            f"--to {to} is below the database version {found.from_version}; "
+            "use `bootmigrate down --to` to go down"
+        )
+    _migrate(session, target="latest" if to is None else to, wait_timeout=wait_timeout)
+
+
+@main.command()
+@click.option("--to", "to", type=int, required=True, help="Version to go down to.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@common
+def down(session: Session, to: int, yes: bool) -> None:
+    """Run down migrations to version N (asks first unless --yes)."""
+    found = session.run(
+        lambda db: commands.plan(db, session.migrations, target=to, collection=session.collection)
+    )
+    if found.to_version > found.from_version:
+        raise Failure(
+            f"--to {to} is above the database version {found.from_version}; "
+            "use `bootmigrate up --to` to go up"
+        )
+    if not found.steps:
+        session.emit(
+            _plan_json(found),
+            lambda: session.console.print(
+                f"nothing to revert: the database is at version {found.from_version}"
+            ),
+        )
+        return
+    if not session.as_json:
+        _print_plan(session, found)
+    session.confirm(f"Revert {len(found.steps)} migration(s), down to version {to}?", yes)
+    _migrate(session, target=to)
+
+
+@main.command()
+@click.argument("version", type=int)
+@common
+def rerun(session: Session, version: int) -> None:
+    """Run one applied migration's `up` again; the version does not change."""
+    _migrate(session, rerun=version)
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Unlock even a live holder's lock.")
+@common
+def unlock(session: Session, force: bool) -> None:
+    """Unlock a stuck or abandoned lock (refuses a live holder's unless --force)."""
+    done = session.run(lambda db: commands.unlock(db, collection=session.collection, force=force))
+    data = {"changed": done.changed, "version": done.before.version, "before": done.before.raw}
+
+    def human() -> None:
+        if not done.changed:
+            session.console.print(f"not locked: nothing to do (version {done.before.version})")
+            return
+        was = commands.describe_lock(done.before, done.lock)
+        session.console.print(
+            f"unlocked: was {was}; the next boot resumes from version {done.before.version}"
+        )
+
+    session.emit(data, human)
+
+
+@main.command("set-version")
+@click.argument("version", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Even while a live holder runs migrations.")
+@common
+def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
+    """Record the database as being at VERSION without running anything (a skip)."""
+    current = session.run(
+        lambda db: commands.status(db, session.migrations, collection=session.collection)
+    )
+    session.confirm(
+        f"Set the version from {current.version} to {version} without running migrations?",
+        yes,
+    )
+    before = session.run(
+        lambda db: commands.set_version(
+            db, version, session.migrations, collection=session.collection, force=force
+        )
+    )
+    session.emit(
+        {"from_version": before.version, "to_version": version},
+        lambda: session.console.print(
+            f"version set from {before.version} to {version} (recorded in history)"
+        ),
+    )
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@common
+def history(session: Session, limit: int) -> None:
+    """Per-migration records, newest first."""
+    records = session.run(
+        lambda db: commands.history(db, collection=session.collection, limit=limit)
+    )
+    session.emit(records, lambda: _print_history(session, records))
+
+
+@main.command()
+@click.argument("name")
+@common
+def new(session: Session, name: str) -> None:
+    """Write the next migration file from a template."""
+    path = commands.new_migration(Path(session.migrations), name)
+    session.emit(
+        {"path": str(path), "version": int(path.name.split("_")[0])},
+        lambda: session.console.print(f"created {path}"),
+    )
+
+
+def _migrate(session: Session, **options: Any) -> None:
+    report: MigrationReport = session.run(
+        lambda db: migrate(db, session.migrations, collection=session.collection, **options)
+    )
+    data = {
+        "from_version": report.from_version,
+        "to_version": report.to_version,
+        "applied": report.applied,
+        "reverted": report.reverted,
+        "waited_s": report.waited,
+        "holder": report.holder,
+    }
+
+    def human() -> None:
+        ran = report.applied or report.reverted
+        if not ran:
+            session.console.print(f"nothing to do: the database is at version {report.to_version}")
+            return
+        verb = "reverted" if report.reverted else "applied"
+        session.console.print(
+            f"{verb} {', '.join(map(str, ran))}: version "
+            f"{report.from_version} -> {report.to_version}"
+        )
+
+    session.emit(data, human)
+
+
+def _plan_json(found: Plan) -> dict[str, Any]:
+    return {
+        "from_version": found.from_version,
+        "to_version": found.to_version,
+        "steps": [step.running() for step in found.steps],
+    }
+
+
+def _print_plan(session: Session, found: Plan) -> None:
+    if not found.steps:
+        session.console.print(f"nothing to run: the database is at version {found.from_version}")
+        return
+    table = _table("version", "name", "direction", "description")
+    for step in found.steps:
+        table.add_row(
+            str(step.migration.version),
+            step.migration.name,
+            step.direction,
+            step.migration.description,
+        )
+    session.console.print(table)
+    session.console.print(f"version {found.from_version} -> {found.to_version}")
+
+
+def _print_status(session: Session, found: commands.Status) -> None:
+    lock = found.lock
+    rows: list[tuple[str, str]] = [
+        ("state", found.state),
+        ("version", str(found.version) if found.exists else "0 (no control document yet)"),
+        ("latest", str(found.latest)),
+        (
+            "pending",
+            ", ".join(f"{s.migration.version} {s.migration.name}" for s in found.pending) or "none",
+        ),
+    ]
+    if found.problem:
+        rows.append(("problem", found.problem))
+    if lock.locked:
+        holder = lock.holder or {}
+        who = (
+            f"{holder.get('host')} pid {holder.get('pid')}"
+            + (f" build {holder['build']}" if holder.get("build") else "")
+            if holder
+            else "unknown (no owner recorded: set by Rocket.Chat or by hand)"
+        )
+        rows.append(("lock", "stuck" if lock.failure else "held"))
+        if lock.failure is None:
+            rows.append(("holder", who))
+        if lock.since:
+            rows.append(("since", f"{lock.since:%Y-%m-%d %H:%M:%S} UTC"))
+        if lock.heartbeat_age is not None:
+            expired = (
+                " (lease expired: the next boot takes it over)"
+                if lock.lease_expired
+                else " (lease valid)"
+            )
+            rows.append(
+                ("heartbeat", f"{lock.heartbeat_age:.1f} s ago, lease {lock.lease:g} s{expired}")
+            )
+        if lock.running:
+            rows.append(("running", f"{lock.running.get('version')} {lock.running.get('name')}"))
+        if lock.failure:
+            failure = lock.failure
+            rows.append(
+                (
+                    "failed",
+                    f"migration {failure.get('version')} "
+                    f"{failure.get('name') or ''} ({failure.get('kind')}) on "
+                    f"{failure.get('host')} at {failure.get('at')}",
+                )
+            )
+            rows.append(("error", str(failure.get("error"))))
+            rows.append(("fix", "fix the cause, then: bootmigrate unlock"))
+        elif lock.lease is None:
+            rows.append(("fix", "if no migration is running: bootmigrate unlock"))
+    else:
+        rows.append(("lock", "free"))
+    table = _table("", "", header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    session.console.print(table)
+
+
+def _print_history(session: Session, records: list[dict[str, Any]]) -> None:
+    if not records:
+        session.console.print("no history yet")
+        return
+    table = _table(
+        "version",
+        "name",
+        "direction",
+        "outcome",
+        "finished (UTC)",
+        "seconds",
+        "host",
+        "build",
+        "error / note",
+    )
+    for r in records:
+        duration = r.get("duration_s")
+        finished = r.get("finished_at")
+        table.add_row(
+            str(r.get("version")),
+            str(r.get("name") or ""),
+            str(r.get("direction") or r.get("action") or ""),
+            str(r.get("outcome")),
+            f"{finished:%Y-%m-%d %H:%M:%S}" if isinstance(finished, datetime) else "",
+            f"{duration:.3f}" if isinstance(duration, (int, float)) else "",
+            str(r.get("host") or ""),
+            str(r.get("build") or ""),
+            str(r.get("error") or r.get("note") or ""),
+        )
+    session.console.print(table)
+
+
+def _table(*columns: str, header: bool = True) -> Table:
+    table = Table(box=None, show_header=header, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table

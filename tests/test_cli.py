@@ -1,0 +1,365 @@
+"""The operator CLI, driven as a real command in subprocesses against the test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from tests.support import free_port, write_migrations
+
+STEP = """
+async def up(db):
+    await db.items.insert_one({{"v": {v}}})
+
+async def down(db):
+    await db.items.delete_one({{"v": {v}}})
+"""
+BROKEN = "async def up(db):\n    raise RuntimeError('index build failed: duplicate key')\n"
+
+
+@dataclass
+class Cli:
+    env: dict[str, str]
+    db: Any
+    migrations: Path
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bootmigrate", *args],
+            input=stdin if stdin is not None else "",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**self.env, **env},
+        )
+
+    def json(self, *args: str) -> Any:
+        done = self(*args, "--json")
+        assert done.stderr == "", done.stderr
+        return json.loads(done.stdout)
+
+    def control(self) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = self.db.migrations.find_one({"_id": "control"})
+        return doc
+
+
+@pytest.fixture
+def cli(mongo_uri: str, db_name: str, driver: str, tmp_path: Path) -> Iterator[Cli]:
+    migrations = write_migrations(
+        tmp_path / "migrations", {f"000{v}_step_{v}.py": STEP.format(v=v) for v in (1, 2, 3)}
+    )
+    env = {
+        **os.environ,
+        "MONGODB_URI": mongo_uri,
+        "BOOTMIGRATE_DB": db_name,
+        "BOOTMIGRATE_MIGRATIONS": str(migrations),
+        "BOOTMIGRATE_DRIVER": driver,
+    }
+    env.pop("MIGRATION_VERSION", None)
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    yield Cli(env, client[db_name], migrations)
+    client.drop_database(db_name)
+    client.close()
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_status_on_a_fresh_database_lists_pending_and_exits_3(cli: Cli) -> None:
+    done = cli("status")
+
+    assert done.returncode == 3, done.stderr
+    assert "pending  1 step_1, 2 step_2, 3 step_3" in done.stdout
+    assert "lock     free" in done.stdout
+
+
+def test_status_json_schema(cli: Cli) -> None:
+    status = cli.json("status")
+
+    assert set(status) == {
+        "collection",
+        "exists",
+        "version",
+        "latest",
+        "state",
+        "pending",
+        "problem",
+        "lock",
+    }
+    assert (status["state"], status["version"], status["latest"]) == ("pending", 0, 3)
+    assert status["pending"][0] == {
+        "version": 1,
+        "name": "step_1",
+        "direction": "up",
+        "description": "step 1",
+    }
+    assert set(status["lock"]) == {
+        "locked",
+        "holder",
+        "since",
+        "heartbeat_age_s",
+        "lease_s",
+        "lease_expired",
+        "running",
+        "failure",
+    }
+
+
+def test_plan_shows_what_up_would_run_and_writes_nothing(cli: Cli) -> None:
+    done = cli("plan")
+
+    assert done.returncode == 0
+    assert "version 0 -> 3" in done.stdout
+    assert [s["version"] for s in cli.json("plan", "--to", "2")["steps"]] == [1, 2]
+    assert cli.db.list_collection_names() == []
+
+
+def test_up_applies_then_status_is_up_to_date(cli: Cli) -> None:
+    done = cli("up")
+
+    assert done.returncode == 0, done.stderr
+    assert "applied 1, 2, 3: version 0 -> 3" in done.stdout
+    assert cli("status").returncode == 0
+    assert cli.json("status")["state"] == "up-to-date"
+
+
+def test_up_to_a_version(cli: Cli) -> None:
+    assert cli.json("up", "--to", "2")["applied"] == [1, 2]
+    assert cli.control()["version"] == 2  # type: ignore[index]
+
+
+def test_history_newest_first_with_limit(cli: Cli) -> None:
+    cli("up")
+
+    records = cli.json("history", "--limit", "2")
+
+    assert [(r["version"], r["outcome"]) for r in records] == [(3, "applied"), (2, "applied")]
+    assert "step_3" in cli("history").stdout.splitlines()[1]
+
+
+def test_down_needs_confirmation_and_refuses_without_a_terminal(cli: Cli) -> None:
+    cli("up")
+
+    done = cli("down", "--to", "1")
+
+    one_line_error(done, "stdin is not a terminal; pass --yes")
+    assert cli.control()["version"] == 3  # type: ignore[index]
+
+
+def test_down_with_yes_reverts_newest_first(cli: Cli) -> None:
+    cli("up")
+
+    report = cli.json("down", "--to", "1", "--yes")
+
+    assert (report["reverted"], report["to_version"]) == ([3, 2], 1)
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1]
+
+
+def test_down_asks_at_a_terminal_and_proceeds_on_yes(cli: Cli) -> None:
+    cli("up")
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bootmigrate", "down", "--to", "2"],
+            stdin=follower,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli.env,
+        )
+        os.write(leader, b"y\n")
+        out, err = process.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+    assert process.returncode == 0, err
+    assert "Revert 1 migration(s), down to version 2?" in out
+    assert "reverted 3: version 3 -> 2" in out
+
+
+def test_rerun_runs_one_migration_again(cli: Cli) -> None:
+    cli("up")
+
+    report = cli.json("rerun", "2")
+
+    assert (report["applied"], report["to_version"]) == ([2], 3)
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 2, 3]
+
+
+def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
+    (cli.migrations / "0002_step_2.py").write_text(BROKEN)
+    failed = cli("up")
+    one_line_error(failed, "0002 step_2 (up) failed")
+
+    done = cli("status")
+
+    assert done.returncode == 5
+    assert "lock     stuck" in done.stdout
+    assert "migration 2 step_2 (failed)" in done.stdout
+    assert "RuntimeError: index build failed" in done.stdout
+    assert "fix the cause, then: bootmigrate unlock" in done.stdout
+    assert cli.json("status")["lock"]["failure"]["version"] == 2
+
+    unlocked = cli("unlock")
+    assert unlocked.returncode == 0
+    assert "unlocked: was stuck at version 1: migration 2 failed" in unlocked.stdout
+    assert cli.control()["locked"] is False  # type: ignore[index]
+    assert cli.json("history", "--limit", "1")[0]["action"] == "unlock"
+
+    (cli.migrations / "0002_step_2.py").write_text(STEP.format(v=2))
+    assert cli.json("up")["applied"] == [2, 3]
+
+
+def _live_lock(cli: Cli) -> None:
+    now = cli.db.command("hello")["localTime"]
+    cli.db.migrations.insert_one(
+        {
+            "_id": "control",
+            "locked": True,
+            "version": 1,
+            "token": 3,
+            "beats": 1,
+            "heartbeat": now,
+            "locked_at": now - timedelta(seconds=5),
+            "owner": {"host": "app-7", "pid": 99, "build": "2.4.0", "lease": 3600.0, "id": "z"},
+            "running": {"version": 2, "name": "step_2", "direction": "up"},
+        }
+    )
+
+
+def test_status_of_a_live_lock_names_the_holder_and_exits_4(cli: Cli) -> None:
+    _live_lock(cli)
+
+    done = cli("status")
+
+    assert done.returncode == 4
+    assert "holder     app-7 pid 99 build 2.4.0" in done.stdout
+    assert "(lease valid)" in done.stdout
+    assert "running    2 step_2" in done.stdout
+    lock = cli.json("status")["lock"]
+    assert (lock["lease_expired"], lock["lease_s"]) == (False, 3600.0)
+    assert 0 <= lock["heartbeat_age_s"] < 600
+
+
+def test_unlock_refuses_a_live_holder_unless_forced(cli: Cli) -> None:
+    _live_lock(cli)
+
+    refused = cli("unlock")
+
+    one_line_error(refused, "refusing to unlock: app-7 (pid 99, build 2.4.0) is alive")
+    assert "--force" in refused.stderr
+    assert cli.control()["locked"] is True  # type: ignore[index]
+    forced = cli.json("unlock", "--force")
+    assert forced["changed"] is True
+    assert cli.control()["locked"] is False  # type: ignore[index]
+
+
+def test_unlock_of_a_free_lock_changes_nothing(cli: Cli) -> None:
+    cli("up")
+
+    done = cli("unlock")
+
+    assert (done.returncode, done.stdout.strip()) == (0, "not locked: nothing to do (version 3)")
+
+
+def test_set_version_skips_and_is_recorded(cli: Cli) -> None:
+    cli("up", "--to", "1")
+
+    done = cli("set-version", "2", "--yes")
+
+    assert done.returncode == 0, done.stderr
+    assert "version set from 1 to 2" in done.stdout
+    assert cli.control()["version"] == 2  # type: ignore[index]
+    record = cli.json("history", "--limit", "1")[0]
+    assert (record["outcome"], record["action"], record["version"]) == ("manual", "set-version", 2)
+    assert cli.json("up")["applied"] == [3]
+
+
+def test_set_version_needs_confirmation(cli: Cli) -> None:
+    one_line_error(cli("set-version", "2"), "pass --yes")
+    assert cli.control() is None
+
+
+def test_new_writes_the_next_migration_file(cli: Cli) -> None:
+    created = cli.json("new", "Backfill display names")
+
+    path = Path(created["path"])
+    assert (path.name, created["version"]) == ("0004_backfill_display_names.py", 4)
+    assert '"""Backfill display names."""' in path.read_text()
+    assert "async def up(db, ctx)" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("rerun", "9"), "cannot rerun version 9: this build has no such migration"),
+        (("up", "--to", "9"), "target 9 is not a version this build knows"),
+        (("set-version", "9", "--yes"), "target 9 is not a version this build knows"),
+        (("plan", "--to", "7"), "target 7 is not a version this build knows"),
+    ],
+)
+def test_unknown_versions_are_one_clear_line(
+    cli: Cli, args: tuple[str, ...], fragment: str
+) -> None:
+    one_line_error(cli(*args), fragment)
+
+
+def test_down_past_the_floor_is_refused(cli: Cli) -> None:
+    for name in ("0001_step_1.py", "0002_step_2.py"):
+        (cli.migrations / name).unlink()
+    cli.db.migrations.insert_one({"_id": "control", "locked": False, "version": 3})
+
+    one_line_error(cli("down", "--to", "0", "--yes"), "below version 2, the oldest")
+    assert cli.control()["version"] == 3  # type: ignore[index]
+
+
+def test_unreachable_server_fails_within_the_timeout(cli: Cli) -> None:
+    port = free_port()
+
+    done = cli("status", "--uri", f"mongodb://127.0.0.1:{port}/", "--timeout", "1")
+
+    one_line_error(done, f"cannot reach MongoDB at 127.0.0.1:{port} within 1 s (--timeout)")
+
+
+def test_malformed_control_document_is_one_clear_line(cli: Cli) -> None:
+    cli.db.migrations.insert_one({"_id": "control", "locked": "false", "version": 3})
+
+    one_line_error(cli("up"), "`locked` must be true or false, got 'false'")
+    assert cli.control() == {"_id": "control", "locked": "false", "version": 3}
+
+
+def test_bad_migrations_directory_is_one_clear_line(cli: Cli, tmp_path: Path) -> None:
+    done = cli("status", "--migrations", str(tmp_path / "nowhere"))
+
+    one_line_error(done, "neither a directory nor an importable package")
+
+
+def test_debug_shows_the_traceback(cli: Cli) -> None:
+    done = cli("status", "--migrations", "no/such/dir", "--debug")
+
+    assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+def test_database_name_is_required(cli: Cli) -> None:
+    done = cli("status", BOOTMIGRATE_DB="")
+
+    one_line_error(done, "no database named: pass --db")
