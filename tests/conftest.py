@@ -6,12 +6,15 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from pymongo import MongoClient
 
-from tests.support import DRIVERS, SecantusDaemon, close_client, make_client
+from tests.cli_support import STEP, Cli
+from tests.support import DRIVERS, SecantusDaemon, close_client, make_client, write_migrations
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +110,22 @@ def bootmigrate_log() -> Iterator[LogRecorder]:
     yield recorder
     logger.removeHandler(recorder)
     logger.setLevel(previous)
+
+
+@pytest.fixture
+def cli(mongo_uri: str, db_name: str, driver: str, tmp_path: Path) -> Iterator[Cli]:
+    """The operator CLI as a subprocess, on a database and migrations of its own."""
+    migrations = write_migrations(
+        tmp_path / "migrations", {f"000{v}_step_{v}.py": STEP.format(v=v) for v in (1, 2, 3)}
+    )
+    env = {
+        **os.environ,
+        "MONGODB_URI": mongo_uri,
+        "BOOTMIGRATE_DB": db_name,
+        "BOOTMIGRATE_MIGRATIONS": str(migrations),
+        "BOOTMIGRATE_DRIVER": driver,
+    }
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    yield Cli(env, client[db_name], migrations)
+    client.drop_database(db_name)
+    client.close()

@@ -2,77 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pymongo import MongoClient
 
-from tests.support import free_port, write_migrations
-
-STEP = """
-async def up(db):
-    await db.items.insert_one({{"v": {v}}})
-
-async def down(db):
-    await db.items.delete_one({{"v": {v}}})
-"""
-BROKEN = "async def up(db):\n    raise RuntimeError('index build failed: duplicate key')\n"
-
-
-@dataclass
-class Cli:
-    env: dict[str, str]
-    db: Any
-    migrations: Path
-
-    def __call__(
-        self, *args: str, stdin: str | None = None, **env: str
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "bootmigrate", *args],
-            input=stdin if stdin is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**self.env, **env},
-        )
-
-    def json(self, *args: str) -> Any:
-        done = self(*args, "--json")
-        assert done.stderr == "", done.stderr
-        return json.loads(done.stdout)
-
-    def control(self) -> dict[str, Any] | None:
-        doc: dict[str, Any] | None = self.db.migrations.find_one({"_id": "control"})
-        return doc
-
-
-@pytest.fixture
-def cli(mongo_uri: str, db_name: str, driver: str, tmp_path: Path) -> Iterator[Cli]:
-    migrations = write_migrations(
-        tmp_path / "migrations", {f"000{v}_step_{v}.py": STEP.format(v=v) for v in (1, 2, 3)}
-    )
-    env = {
-        **os.environ,
-        "MONGODB_URI": mongo_uri,
-        "BOOTMIGRATE_DB": db_name,
-        "BOOTMIGRATE_MIGRATIONS": str(migrations),
-        "BOOTMIGRATE_DRIVER": driver,
-    }
-    env.pop("MIGRATION_VERSION", None)
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    yield Cli(env, client[db_name], migrations)
-    client.drop_database(db_name)
-    client.close()
+from tests.cli_support import BROKEN, STEP, Cli
+from tests.support import free_port
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
