@@ -219,3 +219,21 @@ async def test_no_migrations_and_no_document_writes_nothing(db: Any) -> None:
 
     assert (report.from_version, report.to_version) == (0, 0)
     assert await db.list_collection_names() == []
+
+
+async def test_log_records_carry_structured_fields(db: Any, bootmigrate_log: Any) -> None:
+    await migrate(db, recorders(1, 2))
+    await migrate(db, recorders(1, 2))
+
+    def events(name: str) -> list[Any]:
+        return [r for r in bootmigrate_log.records if getattr(r, "event", None) == name]
+
+    applied = events("migration_applied")
+    assert [(r.migration_version, r.migration_name) for r in applied] == [
+        (1, "step_1"),
+        (2, "step_2"),
+    ]
+    assert all(r.duration_s >= 0 and r.direction == "up" for r in applied)
+    assert [r.db_version for r in events("migrations_done")] == [2]
+    assert [r.db_version for r in events("up_to_date")] == [2]
+    assert events("lock_taken")[0].target_version == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import anyio
@@ -50,6 +51,9 @@ async def test_waiter_returns_when_the_holder_finishes_without_taking_the_lock(
     assert (waiter.holder, waiter.applied, waiter.to_version) == (False, [], 2)
     assert waiter.waited > 0
     assert await ran(db) == [(1, "up"), (2, "up")]
+    waiting = [r for r in bootmigrate_log.records if getattr(r, "event", None) == "waiting"]
+    assert len(waiting) == 1  # one line when waiting starts, not one per poll
+    assert waiting[0].holder["pid"] == os.getpid() and waiting[0].running is not None
 
 
 async def test_wait_timeout_names_the_holder(db: Any, other_db: Any) -> None:

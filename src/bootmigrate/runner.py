@@ -285,9 +285,23 @@ class _Runner:
             )
             if self.on_ahead == "error":
                 raise DatabaseAhead(message + " Refused because on_ahead='error'.")
-            log.warning(message + " Booting anyway (on_ahead='warn').")
+            log.warning(
+                message + " Booting anyway (on_ahead='warn').",
+                extra=_fields("database_ahead", db_version=control.version),
+            )
         if self._busy_since is not None:
-            log.info("database reached version %d; done waiting", control.version)
+            log.info(
+                "database reached version %d after waiting %.1f s; done",
+                control.version,
+                self._waited(),
+                extra=_fields("wait_done", db_version=control.version, waited_s=self._waited()),
+            )
+        else:
+            log.info(
+                "database at version %d: nothing to migrate",
+                control.version,
+                extra=_fields("up_to_date", db_version=control.version),
+            )
         return MigrationReport(
             from_version=control.version,
             to_version=control.version,
@@ -418,9 +432,20 @@ class _Runner:
                     f" since {c.locked_at:%H:%M:%S} UTC" if c.locked_at else "",
                     c.version,
                     f", running {c.running.get('version')}" if c.running else "",
+                    extra=_fields(
+                        "waiting",
+                        holder=c.owner,
+                        locked_since=c.locked_at,
+                        db_version=c.version,
+                        running=c.running,
+                    ),
                 )
         elif exc is not None:
-            log.warning("MongoDB unreachable (%s); retrying until the wait_timeout", exc)
+            log.warning(
+                "MongoDB unreachable (%s); retrying until the wait_timeout",
+                exc,
+                extra=_fields("unreachable", error=str(exc)),
+            )
 
     def _waited(self) -> float:
         if self._busy_since is None:
@@ -440,6 +465,13 @@ class _Runner:
             len(plan.steps),
             plan.from_version,
             plan.to_version,
+            extra=_fields(
+                "lock_taken",
+                token=token,
+                db_version=plan.from_version,
+                target_version=plan.to_version,
+                waited_s=waited,
+            ),
         )
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._keep_alive, token, tasks.cancel_scope.cancel)
@@ -457,7 +489,16 @@ class _Runner:
             ) from error
         if error is not None:
             raise error
-        log.info("migrations done: database at version %d", state.version)
+        log.info(
+            "migrations done: database at version %d",
+            state.version,
+            extra=_fields(
+                "migrations_done",
+                db_version=state.version,
+                applied=state.applied,
+                reverted=state.reverted,
+            ),
+        )
         return MigrationReport(
             from_version=plan.from_version,
             to_version=state.version,
@@ -489,7 +530,7 @@ class _Runner:
         migration = step.migration
         started_at = utc_now()
         started = time.monotonic()
-        log.info("applying migration %s (%s)", migration.label(), step.direction)
+        log.debug("running migration %s (%s)", migration.label(), step.direction)
         state.inside = True  # stays set if the step is cancelled: it is then handled here
         try:
             result = await self._call(step)
@@ -528,7 +569,19 @@ class _Runner:
             )
         )
         state.done(step)
-        log.info("applied migration %s (%s) in %.3f s", migration.label(), step.direction, duration)
+        log.info(
+            "applied migration %s (%s) in %.3f s",
+            migration.label(),
+            step.direction,
+            duration,
+            extra=_fields(
+                "migration_applied",
+                migration_version=migration.version,
+                migration_name=migration.name,
+                direction=step.direction,
+                duration_s=duration,
+            ),
+        )
 
     async def _call(self, step: Step) -> Any:
         migration = step.migration
@@ -553,7 +606,13 @@ class _Runner:
         log.error(
             "migration %s failed: %s; leaving the lock stuck",
             migration.label(),
-            f"{type(exc).__name__}: {exc}",
+            failure["error"],
+            extra=_fields(
+                "migration_failed",
+                migration_version=migration.version,
+                migration_name=migration.name,
+                error=failure["error"],
+            ),
         )
         await self._write(lambda: self.control.stick(token, failure))
         await self._write(
@@ -668,6 +727,11 @@ class _Runner:
                 self._lost = True
                 stop()
                 return
+
+
+def _fields(event: str, **fields: Any) -> dict[str, Any]:
+    """Structured attributes for a log record: ``event`` names it for log shippers."""
+    return {"event": event, **fields}
 
 
 def _failure(
