@@ -39,6 +39,15 @@ def detect_driver(db: object) -> Driver:
     )
 
 
+def is_async_database(value: object) -> bool:
+    """Whether ``value`` is a motor or PyMongo async database (rather than, say, a factory)."""
+    try:
+        detect_driver(value)
+    except TypeError:
+        return False
+    return True
+
+
 def majority_collection(db: Any, name: str) -> Any:
     """``db[name]`` with majority write concern, so a lock survives a primary failover."""
     return db.get_collection(name, write_concern=MAJORITY)

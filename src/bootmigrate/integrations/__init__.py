@@ -1,0 +1,19 @@
+"""Thin adapters that run :func:`bootmigrate.migrate` in a web framework's startup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..drivers import is_async_database
+
+DatabaseOrFactory = Any  # a motor/PyMongo async database, or a callable(app) returning one
+
+
+def resolve_database(db: DatabaseOrFactory, app: Any) -> Any:
+    """``db`` itself, or what the factory returns for ``app`` (called once startup began, so
+    it may read a client the app's own startup created)."""
+    if is_async_database(db):
+        return db
+    factory: Callable[[Any], Any] = db
+    return factory(app)
