@@ -1,11 +1,12 @@
-# `make test` builds .venv when it is missing (or pyproject.toml changed), then runs
-# lint, types and the whole test suite.
+# `make demo` and `make test` build .venv when it is missing (or pyproject.toml changed).
+# demo: several replicas of the example service boot at once on an embedded database.
+# test: lint, types and the whole test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types pytest clean
+.PHONY: test lint types pytest demo clean
 
 test: lint types pytest
 
@@ -15,9 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples migrations
+	$(BIN)/ruff format --check src tests examples migrations
 
 types: $(STAMP)
 	$(BIN)/mypy

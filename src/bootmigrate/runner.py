@@ -45,7 +45,14 @@ FIRST_POLL_INTERVAL = 0.05
 
 @dataclass(frozen=True)
 class MigrationReport:
-    """What one ``migrate()`` call found and did."""
+    """What one ``migrate()`` call found and did.
+
+    ``from_version``: the version at this call's first read; ``to_version``: at its end.
+    ``applied``/``reverted``: versions this call ran up/down. ``waited``: seconds spent
+    waiting for another process's lock. ``holder``: whether this call took the lock.
+    ``ahead``: the database is newer than this build. ``exit_requested``:
+    ``MIGRATION_VERSION=N,exit`` asked the service to exit once migrated.
+    """
 
     from_version: int
     to_version: int
@@ -200,6 +207,7 @@ class _Runner:
         self.rerun = rerun
         self.max_poll_interval = max_poll_interval
         self._last_seen: Control | None = None
+        self._first_seen: Control | None = None
         self._busy_since: float | None = None
         self._lost = False
 
@@ -271,6 +279,8 @@ class _Runner:
         with anyio.fail_after(max(0.0, deadline - time.monotonic()) + 0.5):
             control = await self.control.read()
         self._last_seen = control
+        if self._first_seen is None:
+            self._first_seen = control
         return control
 
     def _plan(self, control: Control) -> Plan:
@@ -302,8 +312,9 @@ class _Runner:
                 control.version,
                 extra=_fields("up_to_date", db_version=control.version),
             )
+        first = self._first_seen or control
         return MigrationReport(
-            from_version=control.version,
+            from_version=first.version,
             to_version=control.version,
             waited=self._waited(),
             ahead=plan.ahead,

@@ -1,0 +1,60 @@
+"""The example service's configuration, from the environment."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@dataclass(frozen=True)
+class Settings:
+    mongodb_uri: str
+    database: str
+    migrations: str
+    replica: str
+    port: int
+    driver: str = "pymongo"
+
+    def client(self) -> Any:
+        """A client of the configured async driver: bootmigrate works with either."""
+        if self.driver == "motor":
+            from motor.motor_asyncio import AsyncIOMotorClient
+
+            return AsyncIOMotorClient(self.mongodb_uri)
+        from pymongo import AsyncMongoClient
+
+        return AsyncMongoClient(self.mongodb_uri)
+
+
+def load() -> Settings:
+    return Settings(
+        mongodb_uri=os.environ.get("MONGODB_URI", "mongodb://localhost:27017"),
+        database=os.environ.get("MONGODB_DB", "shop"),
+        migrations=os.environ.get("BOOTMIGRATE_MIGRATIONS", str(MIGRATIONS)),
+        replica=os.environ.get("REPLICA", socket.gethostname()),
+        port=int(os.environ.get("PORT", "8000")),
+        driver=os.environ.get("MONGODB_DRIVER", "pymongo"),
+    )
+
+
+async def close(client: Any) -> None:
+    """Close a client of either driver (motor's close is synchronous)."""
+    closing = client.close()
+    if closing is not None:
+        await closing
+
+
+def configure_logging(replica: str) -> None:
+    """Plain lines a person can follow, each naming the replica; bootmigrate's records carry
+    structured fields too (``record.event`` and friends) for a JSON formatter to ship."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {replica} %(name)s %(levelname)s %(message)s",
+        force=True,
+    )

@@ -1,0 +1,134 @@
+"""The example services and the top-level migrations they boot with, on both drivers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient as AiohttpClient
+from aiohttp.test_utils import TestServer
+from pymongo import MongoClient
+from starlette.testclient import TestClient
+
+from bootmigrate import migrate
+from examples import aiohttp_app, fastapi_app
+from examples.settings import MIGRATIONS, Settings
+from tests.support import close_client, make_client
+
+OLD_SHAPE = [
+    {
+        "email": f"c{i}@example.com",
+        "first_name": f"Ada{i}",
+        "last_name": "Byron",
+        "phone": f"+44 {i}",
+    }
+    for i in range(1200)  # more than one backfill batch
+]
+
+
+@pytest.fixture
+def sync_db(mongo_uri: str, db_name: str) -> Any:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    client[db_name].customers.insert_many([dict(doc) for doc in OLD_SHAPE])
+    yield client[db_name]
+    client.drop_database(db_name)
+    client.close()
+
+
+@pytest.fixture
+def config(mongo_uri: str, db_name: str, driver: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("BACKFILL_PAUSE_S", "0")
+    return Settings(
+        mongodb_uri=mongo_uri,
+        database=db_name,
+        migrations=str(MIGRATIONS),
+        replica="test-1",
+        port=0,
+        driver=driver,
+    )
+
+
+def assert_migrated(sync_db: Any) -> None:
+    sample = sync_db.customers.find_one({"email": "c7@example.com"})
+    assert sample["display_name"] == "Ada7 Byron"
+    assert sample["phone_number"] == "+44 7" and "phone" not in sample
+    assert sync_db.customers.count_documents({"display_name": {"$exists": False}}) == 0
+    assert "email_unique" in sync_db.customers.index_information()
+    assert "customer_recent_orders" in sync_db.orders.index_information()
+
+
+def test_fastapi_example_migrates_then_serves(config: Settings, sync_db: Any) -> None:
+    with TestClient(fastapi_app.create_app(config)) as client:
+        ready = client.get("/readyz").json()
+        created = client.post(
+            "/customers",
+            json={"email": "new@example.com", "first_name": "Grace", "last_name": "Hopper"},
+        )
+        duplicate = client.post(
+            "/customers", json={"email": "new@example.com", "first_name": "G", "last_name": "H"}
+        )
+        found = client.get("/customers/new@example.com")
+        missing = client.get("/customers/nobody@example.com")
+        health = client.get("/healthz")
+
+    assert ready["migrations"]["applied"] == [1, 2, 3, 4]
+    assert (ready["status"], ready["replica"]) == ("ready", "test-1")
+    assert created.status_code == 201 and created.json()["display_name"] == "Grace Hopper"
+    assert duplicate.status_code == 409  # the unique index from migration 1
+    assert found.json()["first_name"] == "Grace"
+    assert (missing.status_code, health.json()) == (404, {"status": "ok"})
+    assert_migrated(sync_db)
+
+
+@pytest.mark.anyio
+async def test_aiohttp_example_migrates_then_serves(config: Settings, sync_db: Any) -> None:
+    async with AiohttpClient(TestServer(aiohttp_app.create_app(config))) as client:
+        ready = await (await client.get("/readyz")).json()
+        created = await client.post(
+            "/customers",
+            json={"email": "new@example.com", "first_name": "Grace", "last_name": "Hopper"},
+        )
+        duplicate = await client.post(
+            "/customers", json={"email": "new@example.com", "first_name": "G", "last_name": "H"}
+        )
+        found = await (await client.get("/customers/new@example.com")).json()
+
+    assert ready["migrations"]["applied"] == [1, 2, 3, 4]
+    assert created.status == 201 and duplicate.status == 409
+    assert found["display_name"] == "Grace Hopper"
+    assert_migrated(sync_db)
+
+
+@pytest.mark.anyio
+async def test_example_migrations_go_down_to_the_old_shape(
+    config: Settings, sync_db: Any, driver: str
+) -> None:
+    client = make_client(driver, config.mongodb_uri)
+    try:
+        db = client[config.database]
+        await migrate(db, Path(config.migrations))
+        report = await migrate(db, Path(config.migrations), target=0)
+    finally:
+        await close_client(client)
+
+    assert report.reverted == [4, 3, 2, 1]
+    sample = sync_db.customers.find_one({"email": "c7@example.com"}, {"_id": 0})
+    assert sample == OLD_SHAPE[7]
+    assert "email_unique" not in sync_db.customers.index_information()
+    assert "customer_recent_orders" not in sync_db.orders.index_information()
+
+
+@pytest.mark.anyio
+async def test_the_backfill_is_safe_to_rerun(config: Settings, sync_db: Any, driver: str) -> None:
+    client = make_client(driver, config.mongodb_uri)
+    try:
+        db = client[config.database]
+        await migrate(db, Path(config.migrations))
+        sync_db.customers.update_one({"email": "c3@example.com"}, {"$unset": {"display_name": ""}})
+        report = await migrate(db, Path(config.migrations), rerun=2)
+    finally:
+        await close_client(client)
+
+    assert report.applied == [2]
+    assert sync_db.customers.find_one({"email": "c3@example.com"})["display_name"] == "Ada3 Byron"
