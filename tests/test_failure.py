@@ -110,3 +110,27 @@ async def test_a_step_that_returns_a_value_is_a_failure(db: Any) -> None:
         await migrate(db, [Migration(version=1, up=up, name="forgetful")])
 
     assert (await control(db) or {})["failure"]["version"] == 1
+
+
+async def test_a_hanging_migration_fails_at_its_timeout(db: Any) -> None:
+    async def hang(db: Any) -> None:
+        await anyio.sleep_forever()
+
+    migrations = [recorder(1), Migration(version=2, up=hang, name="hangs")]
+    with anyio.fail_after(10), pytest.raises(MigrationFailed) as caught:
+        await migrate(db, migrations, migration_timeout=0.3)
+
+    assert "ran longer than its timeout of 0.3 s" in str(caught.value)
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"]) == (True, 1)
+    assert doc["failure"]["version"] == 2 and "timeout" in doc["failure"]["error"]
+
+
+async def test_a_migrations_own_timeout_wins(db: Any) -> None:
+    async def hang(db: Any) -> None:
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10), pytest.raises(MigrationFailed, match=r"timeout of 0\.2 s"):
+        await migrate(
+            db, [Migration(version=1, up=hang, name="hangs", timeout=0.2)], migration_timeout=60
+        )

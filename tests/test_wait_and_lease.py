@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from bootmigrate import ControlLocked, LockLost, Migration, migrate
-from tests.helpers import announce, control, dead_holder_lock, history, ran, recorder, recorders
+from tests.helpers import control, dead_holder_lock, history, ran, recorder, recorders
 from tests.support import close_client, make_client
 
 pytestmark = pytest.mark.anyio
@@ -26,14 +26,14 @@ async def other_db(driver: str, mongo_uri: str, db_name: str) -> Any:
 async def test_waiter_returns_when_the_holder_finishes_without_taking_the_lock(
     db: Any, other_db: Any, bootmigrate_log: Any
 ) -> None:
-    release = anyio.Event()
+    release, inside_2 = anyio.Event(), anyio.Event()
 
     async def slow(db: Any) -> None:
+        inside_2.set()
         await release.wait()
         await db.ran.insert_one({"version": 2, "direction": "up"})
 
-    locked = anyio.Event()
-    migrations = [recorder(1, before=announce(locked)), Migration(version=2, up=slow, name="slow")]
+    migrations = [recorder(1), Migration(version=2, up=slow, name="slow")]
     reports: dict[str, Any] = {}
 
     async def run(name: str, target_db: Any) -> None:
@@ -41,7 +41,7 @@ async def test_waiter_returns_when_the_holder_finishes_without_taking_the_lock(
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(run, "holder", db)
-        await locked.wait()
+        await inside_2.wait()
         tasks.start_soon(run, "waiter", other_db)
         await bootmigrate_log.wait_for("waiting for")
         release.set()
@@ -53,7 +53,8 @@ async def test_waiter_returns_when_the_holder_finishes_without_taking_the_lock(
     assert await ran(db) == [(1, "up"), (2, "up")]
     waiting = [r for r in bootmigrate_log.records if getattr(r, "event", None) == "waiting"]
     assert len(waiting) == 1  # one line when waiting starts, not one per poll
-    assert waiting[0].holder["pid"] == os.getpid() and waiting[0].running is not None
+    assert waiting[0].holder["pid"] == os.getpid()
+    assert (waiting[0].db_version, waiting[0].running["version"]) == (1, 2)
 
 
 async def test_wait_timeout_names_the_holder(db: Any, other_db: Any) -> None:
@@ -212,3 +213,25 @@ async def test_holder_that_cannot_heartbeat_stops_itself(db: Any) -> None:
     doc = await control(db)
     assert doc is not None and doc["version"] == 0 and "failure" not in doc
     assert await history(db) == []
+
+
+async def test_lock_of_a_holder_dead_after_its_last_migration_is_released(
+    db: Any, bootmigrate_log: Any
+) -> None:
+    await dead_holder_lock(db, version=3, running=None)
+
+    report = await migrate(db, recorders(1, 2, 3))
+
+    assert (report.applied, report.to_version) == ([], 3)
+    doc = await control(db)
+    assert doc is not None and doc["locked"] is False and doc["token"] == 8
+    assert bootmigrate_log.has("released the migration lock left by deadhost")
+
+
+async def test_live_lock_beyond_this_builds_target_is_left_alone(db: Any) -> None:
+    await dead_holder_lock(db, version=3, running=None, silent_for=1, lease=3600)
+
+    report = await migrate(db, recorders(1, 2, 3))
+
+    assert report.to_version == 3
+    assert (await control(db) or {})["locked"] is True

@@ -175,9 +175,7 @@ class ControlStore:
     async def read(self) -> Control:
         return parse_control(await self._coll.find_one({"_id": CONTROL_ID}), self.name)
 
-    async def create(
-        self, *, version: int, owner: Owner | None, running: dict[str, Any] | None
-    ) -> Control | None:
+    async def create(self, *, version: int, owner: Owner | None) -> Control | None:
         """Create the missing document, locked by ``owner`` if given.
 
         An upsert whose filter no existing control document can match (every one has a
@@ -188,8 +186,6 @@ class ControlStore:
         if owner is not None:
             update["$set"].update(token=1, beats=0, owner=owner.as_document())
             update["$currentDate"] = {"heartbeat": True, "locked_at": True}
-            if running is not None:
-                update["$set"]["running"] = running
         try:
             doc = await self._coll.find_one_and_update(
                 {"_id": CONTROL_ID, "version": {"$exists": False}},
@@ -201,18 +197,20 @@ class ControlStore:
             return None
         return parse_control(doc, self.name)
 
-    async def acquire(
-        self, seen: Control, owner: Owner, running: dict[str, Any] | None
-    ) -> Control | None:
+    async def acquire(self, seen: Control, owner: Owner) -> Control | None:
         """Take a free lock at the version we planned from; ``None`` if we lost the race."""
         return await self._swap(
             {"_id": CONTROL_ID, "locked": False, "version": seen.version},
             owner,
-            running,
+            {"$unset": {"failure": "", "running": ""}},
         )
 
     async def take_over(self, seen: Control, owner: Owner) -> Control | None:
-        """Take a dead holder's lock, only if it has not beaten since ``seen``."""
+        """Take a dead holder's lock, only if it has not beaten since ``seen``.
+
+        ``running`` is kept: should this taker die too, the next one still knows which
+        migration was interrupted.
+        """
         return await self._swap(
             {
                 "_id": CONTROL_ID,
@@ -222,22 +220,18 @@ class ControlStore:
                 "failure": None,
             },
             owner,
-            seen.running,
+            {},
         )
 
     async def _swap(
-        self, condition: dict[str, Any], owner: Owner, running: dict[str, Any] | None
+        self, condition: dict[str, Any], owner: Owner, extra: dict[str, Any]
     ) -> Control | None:
         update: dict[str, Any] = {
             "$set": {"locked": True, "owner": owner.as_document(), "beats": 0},
             "$inc": {"token": 1},
             "$currentDate": {"heartbeat": True, "locked_at": True},
-            "$unset": {"failure": ""},
+            **extra,
         }
-        if running is None:
-            update["$unset"]["running"] = ""
-        else:
-            update["$set"]["running"] = running
         try:
             doc = await self._coll.find_one_and_update(
                 condition, update, return_document=ReturnDocument.AFTER
@@ -275,7 +269,7 @@ class ControlStore:
     async def set_version(self, seen: Control, version: int) -> bool:
         """An operator's version change (a skip), only if nothing changed since ``seen``."""
         if not seen.exists:
-            return await self.create(version=version, owner=None, running=None) is not None
+            return await self.create(version=version, owner=None) is not None
         result = await self._coll.update_one(_unchanged(seen), {"$set": {"version": version}})
         return bool(result.matched_count)
 
@@ -287,18 +281,22 @@ class ControlStore:
         )
         return bool(result.matched_count)
 
-    async def advance(self, token: int, version: int, running: dict[str, Any] | None) -> None:
-        """Record a finished migration and name the next one, in one fenced write."""
-        update: dict[str, Any] = {
-            "$set": {"version": version},
-            "$inc": {"beats": 1},
-            "$currentDate": {"heartbeat": True},
-        }
-        if running is None:
-            update["$unset"] = {"running": ""}
-        else:
-            update["$set"]["running"] = running
-        await self._fenced(token, update)
+    async def start(self, token: int, running: dict[str, Any]) -> None:
+        """Name the migration about to run. Its own write, so that a taker can tell a holder
+        that died inside a migration from one that died between two."""
+        await self._fenced(token, {"$set": {"running": running}})
+
+    async def advance(self, token: int, version: int) -> None:
+        """Record a finished migration: the version reached, and no migration running."""
+        await self._fenced(
+            token,
+            {
+                "$set": {"version": version},
+                "$unset": {"running": ""},
+                "$inc": {"beats": 1},
+                "$currentDate": {"heartbeat": True},
+            },
+        )
 
     async def release(self, token: int) -> None:
         """Unlock at the version reached; keep ``token`` so it keeps increasing."""

@@ -34,6 +34,7 @@ class Migration:
 
     ``idempotent=True`` declares that running ``up`` twice is harmless, which lets a process
     that takes over from a dead holder re-run a migration the holder was interrupted in.
+    ``timeout`` (seconds) fails the migration if it runs longer.
     """
 
     version: int
@@ -41,6 +42,7 @@ class Migration:
     down: MigrationStep | None = None
     name: str = ""
     idempotent: bool = False
+    timeout: float | None = None
     description: str = ""
     source: str = ""
 
@@ -162,6 +164,7 @@ def _from_module(module: ModuleType, version: int, name: str, origin: str) -> Mi
         down=getattr(module, "down", None),
         name=name,
         idempotent=bool(getattr(module, "idempotent", False)),
+        timeout=getattr(module, "timeout", None),
         description=doc[0] if doc else "",
         source=origin,
     )
@@ -178,6 +181,13 @@ def _check_migration(migration: Migration) -> None:
     ):
         raise InvalidMigrations(
             f"migration {where}: version must be a positive int, got {migration.version!r}"
+        )
+    timeout = migration.timeout
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+    ):
+        raise InvalidMigrations(
+            f"migration {where}: timeout must be a positive number of seconds, got {timeout!r}"
         )
     _check_step(migration.up, "up", where)
     if migration.down is not None:

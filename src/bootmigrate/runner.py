@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -105,6 +106,7 @@ async def migrate(
     floor: int | None = None,
     rerun: int | None = None,
     max_poll_interval: float = 2.0,
+    migration_timeout: float | None = None,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
 
@@ -115,7 +117,9 @@ async def migrate(
 
     ``rerun=N`` runs migration ``N``'s ``up`` again under the lock without changing the
     version. ``floor`` is the oldest database version this build upgrades from (default:
-    the version just before its oldest migration).
+    the version just before its oldest migration). ``migration_timeout`` bounds each
+    migration (a module's own ``timeout`` wins); one that runs over fails like one that
+    raised.
 
     When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
     is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
@@ -133,6 +137,7 @@ async def migrate(
         fresh=fresh,
         on_ahead=on_ahead,
         max_poll_interval=max_poll_interval,
+        migration_timeout=migration_timeout,
     )
     known = load_migrations(migrations)
     if request is not None:
@@ -150,6 +155,7 @@ async def migrate(
         floor=floor,
         rerun=rerun,
         max_poll_interval=max_poll_interval,
+        migration_timeout=migration_timeout,
     )
     report = await runner.run()
     if request is not None and request.exit:
@@ -170,6 +176,11 @@ def _check_options(**options: Any) -> None:
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    timeout = options["migration_timeout"]
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+    ):
+        raise ValueError(f"migration_timeout must be a positive number of seconds, got {timeout!r}")
     if options["fresh"] not in ("run", "skip"):
         raise ValueError(f"fresh must be 'run' or 'skip', got {options['fresh']!r}")
     if options["on_ahead"] not in ("warn", "error"):
@@ -192,6 +203,7 @@ class _Runner:
         floor: int | None,
         rerun: int | None,
         max_poll_interval: float,
+        migration_timeout: float | None,
     ) -> None:
         self.db = db
         self.known = known
@@ -206,6 +218,7 @@ class _Runner:
         self.floor = floor
         self.rerun = rerun
         self.max_poll_interval = max_poll_interval
+        self.migration_timeout = migration_timeout
         self._last_seen: Control | None = None
         self._first_seen: Control | None = None
         self._busy_since: float | None = None
@@ -257,6 +270,8 @@ class _Runner:
             control = await self._read(deadline)
             plan = self._plan(control)
             if not plan.steps:
+                if control.locked and not control.stuck and control.running is None:
+                    await self._release_if_dead(control, deadline)
                 return await self._nothing_to_do(control, plan)
             if not control.exists and self.fresh == "skip" and self.rerun is None:
                 skipped = await self._skip_fresh(plan)
@@ -266,7 +281,7 @@ class _Runner:
             if control.stuck:
                 raise self._stuck_error(control)
             if not control.locked:
-                held = await self._acquire(control, plan)
+                held = await self._acquire(control)
             elif control.owner and control.owner.get("id") == self.owner.id:
                 held = control  # our acquire went through though its reply was lost
             else:
@@ -323,7 +338,7 @@ class _Runner:
     async def _skip_fresh(self, plan: Plan) -> MigrationReport | None:
         """Rocket.Chat's behaviour on an empty database: record it as up to date."""
         with anyio.CancelScope(shield=True):
-            created = await self.control.create(version=plan.to_version, owner=None, running=None)
+            created = await self.control.create(version=plan.to_version, owner=None)
             if created is None:
                 return None  # another replica created it first: decide again from its copy
             await self.history.record(
@@ -337,25 +352,53 @@ class _Runner:
         log.info("fresh database: set to version %d without running migrations", plan.to_version)
         return MigrationReport(from_version=0, to_version=plan.to_version, holder=True)
 
-    async def _acquire(self, control: Control, plan: Plan) -> Control | None:
-        running = plan.steps[0].running()
-        # Shielded: a lock taken by a write whose reply we never saw would sit unused until
+    async def _acquire(self, control: Control) -> Control | None:
+        # Shielded: a lock taken by a write whose reply was abandoned would sit unused until
         # its lease ran out. A cancellation pending meanwhile lands at the first checkpoint
         # of _run_steps, which releases the lock.
         with anyio.CancelScope(shield=True):
             if control.exists:
-                held = await self.control.acquire(control, self.owner, running)
+                held = await self.control.acquire(control, self.owner)
             else:
-                held = await self.control.create(version=0, owner=self.owner, running=running)
+                held = await self.control.create(version=0, owner=self.owner)
         return held
+
+    async def _release_if_dead(self, control: Control, deadline: float) -> None:
+        """Tidy a lock whose holder died after its last migration: nothing was interrupted,
+        so take it over and release it, sparing operators an unlock."""
+        if control.heartbeat is None or not control.owner:
+            return
+        silent_for = await self._silence(control, deadline)
+        if silent_for <= self._lease_of(control):
+            return  # alive: it is migrating beyond this build's target
+        with anyio.CancelScope(shield=True):
+            held = await self.control.take_over(control, self.owner)
+            if held is not None:
+                await self.control.release(held.token)
+                log.warning(
+                    "released the migration lock left by %s, silent for %.1f s after its last "
+                    "migration",
+                    control.holder(),
+                    silent_for,
+                    extra=_fields("dead_lock_released", holder=control.owner),
+                )
+
+    async def _silence(self, control: Control, deadline: float) -> float:
+        """Seconds since the holder's last heartbeat, both instants on the server's clock."""
+        assert control.heartbeat is not None
+        with anyio.fail_after(max(0.0, deadline - time.monotonic()) + 0.5):
+            now = await server_time(self.db)
+        return (now - control.heartbeat).total_seconds()
+
+    def _lease_of(self, control: Control) -> float:
+        """The holder's own lease, not ours: it promised to beat within that."""
+        return float((control.owner or {}).get("lease") or self.owner.lease)
 
     async def _take_over_if_dead(self, control: Control, deadline: float) -> Control | None:
         if control.heartbeat is None or not control.owner:
             raise _Busy(control)  # a lock with no lease is never presumed dead
-        with anyio.fail_after(max(0.0, deadline - time.monotonic()) + 0.5):
-            now = await server_time(self.db)
-        lease = float(control.owner.get("lease") or self.owner.lease)
-        silent_for = (now - control.heartbeat).total_seconds()
+        silent_for = await self._silence(control, deadline)
+        lease = self._lease_of(control)
         if silent_for <= lease:
             raise _Busy(control)
         running = control.running
@@ -520,12 +563,11 @@ class _Runner:
         )
 
     async def _run_steps(self, token: int, plan: Plan, state: _Progress) -> None:
-        steps = plan.steps
         try:
-            for index, step in enumerate(steps):
-                await anyio.lowlevel.checkpoint()  # a cancellation here is "between"
-                following = steps[index + 1] if index + 1 < len(steps) else None
-                await self._run_step(token, step, following, state)
+            for step in plan.steps:
+                await self._write(functools.partial(self.control.start, token, step.running()))
+                await anyio.lowlevel.checkpoint()  # a cancellation here is still "between"
+                await self._run_step(token, step, state)
             await self._write(lambda: self.control.release(token))
         except anyio.get_cancelled_exc_class():
             if not self._lost and not state.inside:
@@ -535,9 +577,7 @@ class _Runner:
                 await self._write(lambda: self.control.release(token))
             raise
 
-    async def _run_step(
-        self, token: int, step: Step, following: Step | None, state: _Progress
-    ) -> None:
+    async def _run_step(self, token: int, step: Step, state: _Progress) -> None:
         migration = step.migration
         started_at = utc_now()
         started = time.monotonic()
@@ -563,11 +603,7 @@ class _Runner:
             ) from exc
         state.inside = False
         duration = time.monotonic() - started
-        await self._write(
-            lambda: self.control.advance(
-                token, step.version_after, following.running() if following else None
-            )
-        )
+        await self._write(lambda: self.control.advance(token, step.version_after))
         await self._write(
             lambda: self.history.record(
                 version=migration.version,
@@ -598,6 +634,18 @@ class _Runner:
         migration = step.migration
         function = migration.down if step.direction == "down" else migration.up
         assert function is not None  # the plan refuses a down step without `down`
+        timeout = migration.timeout or self.migration_timeout
+        scope: anyio.CancelScope | None = None
+        try:
+            with anyio.fail_after(timeout) as scope:
+                return await self._invoke(function, step)
+        except TimeoutError:
+            if timeout is None or scope is None or not scope.cancel_called:
+                raise  # the migration's own TimeoutError, not ours
+            raise TimeoutError(f"ran longer than its timeout of {timeout:g} s") from None
+
+    async def _invoke(self, function: Any, step: Step) -> Any:
+        migration = step.migration
         if step_arity(function) == 1:
             return await function(self.db)
         context = MigrationContext(
