@@ -143,13 +143,15 @@ async def up(db):
 
 
 def recording_migrations(
-    directory: Path, count: int, seconds: float = 0.0, idempotent: bool = False
+    directory: Path, count: int, seconds: float | list[float] = 0.0, idempotent: bool = False
 ) -> Path:
+    """``count`` recording migrations; ``seconds`` is each one's duration (or one for all)."""
+    durations = seconds if isinstance(seconds, list) else [seconds] * count
     return write_migrations(
         directory,
         {
             f"{v:04d}_step_{v}.py": RECORDING_MIGRATION.format(
-                version=v, seconds=seconds, idempotent=idempotent
+                version=v, seconds=durations[v - 1], idempotent=idempotent
             )
             for v in range(1, count + 1)
         },
@@ -173,6 +175,8 @@ class Worker:
         migrations: Path,
         barrier: bool = False,
         env: dict[str, str] | None = None,
+        pause_on: str | None = None,
+        sigterm_on: str | None = None,
         **options: Any,
     ) -> Worker:
         args = [
@@ -191,6 +195,10 @@ class Worker:
         ]
         if barrier:
             args.append("--barrier")
+        if pause_on:
+            args += ["--pause-on", pause_on]
+        if sigterm_on:
+            args += ["--sigterm-on", sigterm_on]
         process = subprocess.Popen(
             args,
             stdin=subprocess.PIPE,
@@ -217,6 +225,7 @@ class Worker:
         return event
 
     def go(self) -> None:
+        """Release the barrier, or resume a paused worker."""
         assert self.process.stdin is not None
         self.process.stdin.write("go\n")
         self.process.stdin.flush()

@@ -1,0 +1,61 @@
+"""Scenario 1: boot storms. Many processes call migrate() at the same moment, over and over,
+with randomised migration durations: zero double applies, zero failures, one holder."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.faults.conftest import scale
+from tests.support import Worker, recording_migrations
+
+MIGRATIONS = 3
+
+
+def test_boot_storms(sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path) -> None:
+    storms, processes = scale(2, 20), scale(12, 32)
+    rng = random.Random(f"{driver}-{storms}-{processes}")
+    for storm in range(storms):
+        db = sync_db.client[f"{sync_db.name}_{storm}"]
+        try:
+            durations = [round(rng.uniform(0.0, 0.3), 3) for _ in range(MIGRATIONS)]
+            storm_once(db, mongo_uri, driver, tmp_path / str(storm), durations, processes)
+        finally:
+            sync_db.client.drop_database(db.name)
+
+
+def storm_once(
+    db: Any, mongo_uri: str, driver: str, tmp: Path, durations: list[float], processes: int
+) -> None:
+    migrations = recording_migrations(tmp, MIGRATIONS, seconds=durations)
+    workers = [
+        Worker.start(
+            uri=mongo_uri,
+            db=db.name,
+            driver=driver,
+            migrations=migrations,
+            barrier=True,
+            wait_timeout=120,
+            lease=5,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for worker in workers:
+            assert worker.read_event()["event"] == "ready"
+        for worker in workers:
+            worker.go()
+        results = [worker.result() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+
+    failures = [r for r in results if r["exit_code"] != 0]
+    assert failures == [], failures
+    assert sum(r["holder"] for r in results) == 1, results
+    assert Counter(d["version"] for d in db.ran.find()) == {1: 1, 2: 1, 3: 1}
+    control = db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"], control["token"]) == (False, 3, 1)
+    assert db.migrations_history.count_documents({"outcome": "applied"}) == MIGRATIONS

@@ -1,0 +1,108 @@
+"""Scenario 7: the holder's and the waiters' clocks disagree by minutes (libfaketime shifts
+each process's wall clock). Leases are measured on the server's clock, so there is no early
+takeover of a live holder, and a dead holder is taken over a full lease after its last beat."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import Worker, recording_migrations, wait_until
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("faketime") and os.path.exists(LIBFAKETIME)),
+    reason="libfaketime is not installed (Debian package faketime)",
+)
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """Environment that shifts a process's wall clock (not its monotonic clock)."""
+    return {
+        "LD_PRELOAD": LIBFAKETIME,
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }
+
+
+def test_skewed_waiters_never_take_over_a_live_holder(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    lease = 1.0
+    # Migration 1 runs for four leases while waiters whose clocks run 10 minutes ahead poll.
+    migrations = recording_migrations(tmp_path, 2, seconds=[4 * lease, 0.0])
+    holder = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        env=skewed("-5m"),
+        lease=lease,
+    )
+    wait_until(lambda: sync_db.ran.find_one({"version": 1}), 30, "the holder to start")
+    waiters = [
+        Worker.start(
+            uri=mongo_uri,
+            db=sync_db.name,
+            driver=driver,
+            migrations=migrations,
+            env=skewed("+10m"),
+            lease=lease,
+            wait_timeout=60,
+        )
+        for _ in range(3)
+    ]
+    results = [w.result() for w in waiters]
+    held = holder.result()
+
+    assert held["exit_code"] == 0 and held["holder"] and held["applied"] == [1, 2]
+    assert all(r["exit_code"] == 0 and not r["holder"] for r in results), results
+    assert Counter(d["version"] for d in sync_db.ran.find()) == {1: 1, 2: 1}
+    assert sync_db.migrations.find_one({"_id": "control"})["token"] == 1  # never taken over
+
+
+def test_skewed_taker_waits_a_full_lease_of_server_time(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    lease = 1.5
+    migrations = recording_migrations(tmp_path, 2, idempotent=True)
+    holder = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        env={**skewed("-10m"), "BM_BLOCK_AT": "1"},
+        lease=lease,
+    )
+    wait_until(lambda: sync_db.ran.find_one({"version": 1}), 30, "the holder to start")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.kill()
+    dead = sync_db.migrations.find_one({"_id": "control"})
+
+    taker = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        env=skewed("+10m"),
+        lease=lease,
+        wait_timeout=60,
+    )
+    result = taker.result()
+
+    assert result["exit_code"] == 0 and result["applied"] == [1, 2], result
+    rerun = sync_db.ran.find_one({"version": 1, "pid": taker.pid})
+    taken_at = rerun["control"]["locked_at"]  # the server's clock, as is the heartbeat
+    assert (taken_at - dead["heartbeat"]).total_seconds() >= lease
+    # The skew was real: the taker's own clock, which stamps its history, ran 10 min ahead.
+    record = sync_db.migrations_history.find_one({"pid": taker.pid})
+    ahead = (record["finished_at"] - sync_db.command("hello")["localTime"]).total_seconds()
+    assert 540 < ahead < 660, ahead

@@ -1,0 +1,91 @@
+"""Scenario 3: a holder paused past its lease, then resumed. Another process takes over and
+finishes; the resumed holder is fenced: it raises LockLost and writes nothing more."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.conftest import scale
+from tests.support import Worker, recording_migrations, wait_until
+
+LEASE = 1.0
+
+
+def snapshot(db: Any) -> tuple[Any, ...]:
+    return (
+        db.migrations.find_one({"_id": "control"}),
+        list(db.migrations_history.find()),
+        list(db.ran.find()),
+    )
+
+
+@pytest.mark.parametrize("where", ["inside a migration", "between two migrations"])
+def test_paused_holder_is_fenced(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, where: str
+) -> None:
+    for run in range(scale(1, 5)):
+        db = sync_db.client[f"{sync_db.name}_{run}"]
+        try:
+            check_fenced(db, mongo_uri, driver, tmp_path / str(run), where)
+        finally:
+            sync_db.client.drop_database(db.name)
+
+
+def check_fenced(db: Any, mongo_uri: str, driver: str, tmp: Path, where: str) -> None:
+    migrations = recording_migrations(tmp, 3, idempotent=True)
+    if where == "inside a migration":
+        holder = Worker.start(
+            uri=mongo_uri,
+            db=db.name,
+            driver=driver,
+            migrations=migrations,
+            env={"BM_BLOCK_AT": "2"},
+            lease=LEASE,
+        )
+        wait_until(
+            lambda: db.ran.find_one({"version": 2, "pid": holder.pid}),
+            30,
+            "the holder to enter migration 2",
+        )
+        os.kill(holder.pid, signal.SIGSTOP)
+    else:
+        holder = Worker.start(
+            uri=mongo_uri,
+            db=db.name,
+            driver=driver,
+            migrations=migrations,
+            pause_on="applied migration 0001",
+            lease=LEASE,
+        )
+        assert [holder.read_event()["event"] for _ in range(2)] == ["ready", "paused"]
+    try:
+        taker = Worker.start(
+            uri=mongo_uri,
+            db=db.name,
+            driver=driver,
+            migrations=migrations,
+            lease=LEASE,
+            wait_timeout=60,
+        )
+        taken = taker.result()
+        assert taken["exit_code"] == 0 and taken["holder"], taken
+        settled = snapshot(db)
+
+        if where == "inside a migration":
+            os.kill(holder.pid, signal.SIGCONT)
+        else:
+            holder.go()
+        resumed = holder.result()
+    finally:
+        holder.kill()
+
+    assert (resumed["exit_code"], resumed["error"]) == (1, "LockLost"), resumed
+    assert snapshot(db) == settled  # the fenced holder wrote nothing at all
+    control = settled[0]
+    assert (control["locked"], control["version"], control["token"]) == (False, 3, 2)
+    assert db.migrations_history.count_documents({"pid": holder.pid, "version": {"$gt": 1}}) == 0

@@ -1,0 +1,108 @@
+"""Scenario 6: SIGTERM while waiting and while migrating, with the cancellation semantics:
+a waiter writes nothing; a holder between migrations releases at the version reached; one
+inside a migration leaves it stuck as interrupted, unless the migration is idempotent."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests.support import Worker, recording_migrations, wait_until
+
+STABLE = ("_id", "locked", "version", "token", "owner", "locked_at", "running", "failure")
+
+
+def start_blocked_holder(sync_db: Any, mongo_uri: str, driver: str, migrations: Path) -> Worker:
+    holder = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        env={"BM_BLOCK_AT": "2"},
+        lease=5,
+    )
+    wait_until(
+        lambda: sync_db.ran.find_one({"version": 2, "pid": holder.pid}),
+        30,
+        "the holder to enter migration 2",
+    )
+    return holder
+
+
+def test_sigterm_while_waiting_writes_nothing(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    migrations = recording_migrations(tmp_path, 3)
+    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations)
+    try:
+        before = sync_db.migrations.find_one({"_id": "control"})
+        history = sync_db.migrations_history.count_documents({})
+        waiter = Worker.start(
+            uri=mongo_uri,
+            db=sync_db.name,
+            driver=driver,
+            migrations=migrations,
+            wait_timeout=60,
+            sigterm_on="waiting for",
+        )
+        result = waiter.result()
+        after = sync_db.migrations.find_one({"_id": "control"})
+    finally:
+        holder.kill()
+
+    assert [e["event"] for e in waiter.lines] == ["ready", "signalled", "result"]
+    assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
+    assert {k: after.get(k) for k in STABLE} == {k: before.get(k) for k in STABLE}
+    assert sync_db.migrations_history.count_documents({}) == history
+
+
+def test_sigterm_between_migrations_releases_at_the_version_reached(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    migrations = recording_migrations(tmp_path, 3)
+    holder = Worker.start(
+        uri=mongo_uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        sigterm_on="applied migration 0001",
+    )
+    result = holder.result()
+
+    assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"]) == (False, 1)
+    assert "running" not in control and "failure" not in control
+    assert [d["version"] for d in sync_db.ran.find()] == [1]
+
+
+def test_sigterm_inside_a_migration_leaves_it_stuck_as_interrupted(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    holder = start_blocked_holder(sync_db, mongo_uri, driver, recording_migrations(tmp_path, 3))
+    holder.process.send_signal(signal.SIGTERM)
+    result = holder.result()
+
+    assert (result["exit_code"], result["error"]) == (143, "Cancelled")
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"]) == (True, 1)
+    assert (control["failure"]["kind"], control["failure"]["version"]) == ("interrupted", 2)
+    assert control["failure"]["pid"] == holder.pid
+    assert sync_db.migrations_history.find_one({"version": 2})["outcome"] == "interrupted"
+
+
+def test_sigterm_inside_an_idempotent_migration_releases_for_a_rerun(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    migrations = recording_migrations(tmp_path, 3, idempotent=True)
+    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations)
+    holder.process.send_signal(signal.SIGTERM)
+    result = holder.result()
+
+    assert result["exit_code"] == 143
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"]) == (False, 1)
+    assert "failure" not in control
+    rerun = Worker.start(uri=mongo_uri, db=sync_db.name, driver=driver, migrations=migrations)
+    assert rerun.result()["applied"] == [2, 3]
