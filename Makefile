@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types pytest demo clean
+.PHONY: test test-faults lint types pytest demo clean
 
 test: lint types pytest
 
@@ -26,8 +26,14 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# Three workers on two cores: most of the suite waits on leases, servers and processes.
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3
+
+# The fault suite at full scale (CI runs it reduced, within `make test`): 20 storms of 32
+# processes, repeated kills, pauses and restarts, 300 property examples per driver.
+test-faults: $(STAMP)
+	BOOTMIGRATE_FAULTS=full $(BIN)/pytest tests/faults --timeout 1800
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,158 @@
+"""Property: over random interleavings of acquire, heartbeat, advance, release, crash, stall
+and takeover by several processes against the real server, at most one holder's writes ever
+take effect at a time, and the version only moves through completed migrations."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import anyio
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from bootmigrate.control import Control, ControlStore, Owner
+from bootmigrate.drivers import majority_collection, server_time
+from bootmigrate.errors import LockLost
+from tests.faults.conftest import scale
+from tests.support import close_client, make_client
+
+LEASE = 30.0
+ACTORS = 3
+OPERATIONS = ["acquire", "heartbeat", "advance", "release", "crash", "stall", "take_over"]
+
+
+@dataclass
+class Actor:
+    owner: Owner
+    token: int | None = None  # the lock it believes it holds
+
+
+@dataclass
+class Model:
+    """What the protocol promises, checked against what the server holds."""
+
+    version: int = 0
+    last_writer: int = 0  # token of the latest holder whose write took effect
+    fenced: int = 0  # holder writes refused because the lock had moved on
+
+    def wrote(self, token: int) -> None:
+        # Once a newer token has written, an older one never writes again.
+        assert token >= self.last_writer, (token, self.last_writer)
+        self.last_writer = token
+
+
+async def run(uri: str, driver: str, steps: list[tuple[int, str]]) -> Model:
+    client = make_client(driver, uri)
+    db = client[f"prop_{uuid.uuid4().hex[:10]}"]
+    store = ControlStore(majority_collection(db, "migrations"))
+    actors = [Actor(Owner(f"host{i}", 1000 + i, None, LEASE, f"id{i}")) for i in range(ACTORS)]
+    model = Model()
+    try:
+        for index, operation in steps:
+            await step(db, store, actors[index], operation, model)
+            control = await store.read()
+            assert control.version == model.version
+            holders = [a for a in actors if a.token is not None and a.token == control.token]
+            assert len(holders) <= (1 if control.locked else 0)
+    finally:
+        await client.drop_database(db.name)
+        await close_client(client)
+    return model
+
+
+async def step(db: Any, store: ControlStore, actor: Actor, operation: str, model: Model) -> None:
+    seen = await store.read()
+    if operation == "acquire" and not seen.locked:
+        held = await (
+            store.acquire(seen, actor.owner)
+            if seen.exists
+            else store.create(version=0, owner=actor.owner)
+        )
+        if held is not None:
+            actor.token = held.token
+            model.wrote(held.token)
+    elif operation == "take_over" and seen.locked and await expired(db, seen):
+        held = await store.take_over(seen, actor.owner)
+        if held is not None:
+            actor.token = held.token
+            model.wrote(held.token)
+    elif operation == "crash":
+        actor.token = None  # the process dies; its lock stays behind
+    elif operation == "stall" and seen.locked:
+        # Time passes with no heartbeat: the holder is paused or dead.
+        stale = await server_time(db) - timedelta(seconds=2 * LEASE)
+        await db.migrations.update_one({"_id": "control"}, {"$set": {"heartbeat": stale}})
+    elif actor.token is not None and operation in ("heartbeat", "advance", "release"):
+        await holder_write(store, actor, operation, seen, model)
+
+
+async def holder_write(
+    store: ControlStore, actor: Actor, operation: str, seen: Control, model: Model
+) -> None:
+    assert actor.token is not None
+    token = actor.token
+    try:
+        if operation == "heartbeat":
+            if not await store.heartbeat(token):
+                raise LockLost("fenced")
+        elif operation == "advance":
+            await store.advance(token, seen.version + 1)
+            model.version = seen.version + 1  # a migration completed under the lock
+        else:
+            await store.release(token)
+            actor.token = None
+        model.wrote(token)
+    except LockLost:
+        assert seen.token != token or not seen.locked  # refused only when no longer ours
+        model.fenced += 1
+        actor.token = None
+
+
+async def expired(db: Any, seen: Control) -> bool:
+    if seen.heartbeat is None or seen.failure is not None:
+        return False
+    return (await server_time(db) - seen.heartbeat).total_seconds() > LEASE
+
+
+steps_strategy = st.lists(
+    st.tuples(st.integers(0, ACTORS - 1), st.sampled_from(OPERATIONS)), min_size=1, max_size=40
+)
+
+
+def test_at_most_one_holder_writes_and_versions_move_only_by_migrations(
+    mongo_uri: str, driver: str
+) -> None:
+    totals = {"examples": 0, "fenced": 0}
+
+    @settings(
+        max_examples=scale(40, 300),
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(steps=steps_strategy)
+    # The path that matters most, always tried: a holder stalls, is taken over, then wakes.
+    @example(
+        steps=[
+            (0, "acquire"),
+            (0, "advance"),
+            (0, "stall"),
+            (1, "take_over"),
+            (0, "advance"),
+            (1, "advance"),
+            (0, "heartbeat"),
+            (0, "release"),
+            (1, "release"),
+        ]
+    )
+    def check(steps: list[tuple[int, str]]) -> None:
+        model = anyio.run(run, mongo_uri, driver, steps)
+        totals["examples"] += 1
+        totals["fenced"] += model.fenced
+
+    check()
+    assert totals["examples"] >= scale(40, 300) // 2
+    assert totals["fenced"] > 0  # stale holders did try to write, and were refused
