@@ -33,7 +33,8 @@ pytest: $(STAMP)
 # The fault suite at full scale (CI runs it reduced, within `make test`): 20 storms of 32
 # processes, repeated kills, pauses and restarts, 300 property examples per driver.
 test-faults: $(STAMP)
-	BOOTMIGRATE_FAULTS=full $(BIN)/pytest tests/faults --timeout 1800
+	BOOTMIGRATE_FAULTS=full BOOTMIGRATE_FAULTS_REPORT=faults-report.json \
+	  $(BIN)/pytest tests/faults --timeout 1800
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

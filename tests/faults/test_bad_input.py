@@ -19,6 +19,7 @@ from bootmigrate import (
     UnsupportedUpgrade,
     migrate,
 )
+from tests.faults.conftest import record
 from tests.helpers import recorders
 from tests.support import write_migrations
 
@@ -60,6 +61,7 @@ async def test_malformed_control_documents(db: Any, shape: dict[str, Any], messa
     with pytest.raises(InvalidControlDocument, match=re.escape(message)):
         await migrate(db, recorders(1, 2, 3, 4))
 
+    record("8 bad input", cases=1, changed=int(await everything(db) != before))
     assert await everything(db) == before
 
 
@@ -113,6 +115,7 @@ async def test_bad_migration_sets(
     with pytest.raises(InvalidMigrations, match=re.escape(message)):
         await migrate(db, write_migrations(tmp_path, files))
 
+    record("8 bad input", cases=1, changed=int(await everything(db) != before))
     assert await everything(db) == before
 
 
@@ -123,6 +126,7 @@ async def test_database_below_the_floor(db: Any) -> None:
     with pytest.raises(UnsupportedUpgrade, match="at version 4, older than version 9"):
         await migrate(db, recorders(10, 11))
 
+    record("8 bad input", cases=1, changed=int(await everything(db) != before))
     assert await everything(db) == before
 
 
@@ -133,6 +137,7 @@ async def test_database_ahead_refused(db: Any) -> None:
     with pytest.raises(DatabaseAhead, match=r"at version 12, ahead of this build's latest"):
         await migrate(db, recorders(10, 11), on_ahead="error")
 
+    record("8 bad input", cases=1, changed=int(await everything(db) != before))
     assert await everything(db) == before
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.faults.conftest import scale
+from tests.faults.conftest import double_applies, record, scale
 from tests.support import Worker, recording_migrations
 
 MIGRATIONS = 3
@@ -52,6 +52,15 @@ def storm_once(
         for worker in workers:
             worker.kill()
 
+    versions = [d["version"] for d in db.ran.find()]
+    record(
+        "1 boot storms",
+        storms=1,
+        processes=processes,
+        double_applies=double_applies(versions),
+        failures=sum(r["exit_code"] != 0 for r in results),
+        holders=sum(bool(r.get("holder")) for r in results),
+    )
     failures = [r for r in results if r["exit_code"] != 0]
     assert failures == [], failures
     assert sum(r["holder"] for r in results) == 1, results

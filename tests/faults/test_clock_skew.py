@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults.conftest import double_applies, record
 from tests.support import Worker, recording_migrations, wait_until
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
@@ -63,6 +64,13 @@ def test_skewed_waiters_never_take_over_a_live_holder(
     results = [w.result() for w in waiters]
     held = holder.result()
 
+    record(
+        "7 clock skew",
+        runs=1,
+        processes=4,
+        faults=4,
+        double_applies=double_applies([d["version"] for d in sync_db.ran.find()]),
+    )
     assert held["exit_code"] == 0 and held["holder"] and held["applied"] == [1, 2]
     assert all(r["exit_code"] == 0 and not r["holder"] for r in results), results
     assert Counter(d["version"] for d in sync_db.ran.find()) == {1: 1, 2: 1}
@@ -98,11 +106,12 @@ def test_skewed_taker_waits_a_full_lease_of_server_time(
     )
     result = taker.result()
 
+    record("7 clock skew", runs=1, processes=2, faults=3)
     assert result["exit_code"] == 0 and result["applied"] == [1, 2], result
     rerun = sync_db.ran.find_one({"version": 1, "pid": taker.pid})
     taken_at = rerun["control"]["locked_at"]  # the server's clock, as is the heartbeat
     assert (taken_at - dead["heartbeat"]).total_seconds() >= lease
     # The skew was real: the taker's own clock, which stamps its history, ran 10 min ahead.
-    record = sync_db.migrations_history.find_one({"pid": taker.pid})
-    ahead = (record["finished_at"] - sync_db.command("hello")["localTime"]).total_seconds()
+    entry = sync_db.migrations_history.find_one({"pid": taker.pid})
+    ahead = (entry["finished_at"] - sync_db.command("hello")["localTime"]).total_seconds()
     assert 540 < ahead < 660, ahead

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import scale
+from tests.faults.conftest import double_applies, record, scale
 from tests.support import Worker, recording_migrations, wait_until
 
 LEASE = 1.0
@@ -75,6 +75,7 @@ def test_next_process_resumes_after_a_kill(
 def check_resume(db: Any, mongo_uri: str, driver: str, tmp: Path, point: str) -> None:
     migrations = recording_migrations(tmp, 3)  # not idempotent
     dead = kill_holder(db, mongo_uri, driver, migrations, point)
+    record("2 holder killed", runs=1, processes=2, faults=1)
     if point == "inside a migration":
         taker_pid, result = boot(db, mongo_uri, driver, migrations)
         assert (result["exit_code"], result["error"]) == (1, "ControlLocked"), result
@@ -89,6 +90,7 @@ def check_resume(db: Any, mongo_uri: str, driver: str, tmp: Path, point: str) ->
 
     assert result["exit_code"] == 0, result
     ran = list(db.ran.find())
+    record("2 holder killed", double_applies=double_applies([d["version"] for d in ran]))
     assert Counter(d["version"] for d in ran) == {1: 1, 2: 1, 3: 1}  # zero double applies
     expected_by_taker = {
         "before the first migration": [1, 2, 3],

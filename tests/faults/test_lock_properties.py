@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from bootmigrate.control import Control, ControlStore, Owner
 from bootmigrate.drivers import majority_collection, server_time
 from bootmigrate.errors import LockLost
-from tests.faults.conftest import scale
+from tests.faults.conftest import record, scale
 from tests.support import close_client, make_client
 
 LEASE = 30.0
@@ -154,5 +154,6 @@ def test_at_most_one_holder_writes_and_versions_move_only_by_migrations(
         totals["fenced"] += model.fenced
 
     check()
+    record("property: one writer", examples=totals["examples"], fenced_writes=totals["fenced"])
     assert totals["examples"] >= scale(40, 300) // 2
     assert totals["fenced"] > 0  # stale holders did try to write, and were refused

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import scale
+from tests.faults.conftest import record, scale
 from tests.support import Worker, recording_migrations, wait_until
 
 LEASE = 1.0
@@ -84,6 +84,8 @@ def check_fenced(db: Any, mongo_uri: str, driver: str, tmp: Path, where: str) ->
     finally:
         holder.kill()
 
+    wrote_after_resume = int(snapshot(db) != settled)
+    record("3 holder paused", runs=1, processes=2, faults=1, stale_writes=wrote_after_resume)
     assert (resumed["exit_code"], resumed["error"]) == (1, "LockLost"), resumed
     assert snapshot(db) == settled  # the fenced holder wrote nothing at all
     control = settled[0]

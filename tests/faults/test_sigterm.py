@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from tests.faults.conftest import record
 from tests.support import Worker, recording_migrations, wait_until
 
 STABLE = ("_id", "locked", "version", "token", "owner", "locked_at", "running", "failure")
@@ -52,6 +53,7 @@ def test_sigterm_while_waiting_writes_nothing(
         holder.kill()
 
     assert [e["event"] for e in waiter.lines] == ["ready", "signalled", "result"]
+    record("6 SIGTERM", runs=1, faults=1)
     assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
     assert {k: after.get(k) for k in STABLE} == {k: before.get(k) for k in STABLE}
     assert sync_db.migrations_history.count_documents({}) == history
@@ -70,6 +72,7 @@ def test_sigterm_between_migrations_releases_at_the_version_reached(
     )
     result = holder.result()
 
+    record("6 SIGTERM", runs=1, faults=1)
     assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
     control = sync_db.migrations.find_one({"_id": "control"})
     assert (control["locked"], control["version"]) == (False, 1)
@@ -84,6 +87,7 @@ def test_sigterm_inside_a_migration_leaves_it_stuck_as_interrupted(
     holder.process.send_signal(signal.SIGTERM)
     result = holder.result()
 
+    record("6 SIGTERM", runs=1, faults=1)
     assert (result["exit_code"], result["error"]) == (143, "Cancelled")
     control = sync_db.migrations.find_one({"_id": "control"})
     assert (control["locked"], control["version"]) == (True, 1)
@@ -100,6 +104,7 @@ def test_sigterm_inside_an_idempotent_migration_releases_for_a_rerun(
     holder.process.send_signal(signal.SIGTERM)
     result = holder.result()
 
+    record("6 SIGTERM", runs=1, faults=1)
     assert result["exit_code"] == 143
     control = sync_db.migrations.find_one({"_id": "control"})
     assert (control["locked"], control["version"]) == (False, 1)

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from bootmigrate import DatabaseUnavailable, migrate
-from tests.faults.conftest import scale
+from tests.faults.conftest import record, scale
 from tests.helpers import recorders
 from tests.support import SecantusDaemon, close_client, free_port, make_client
 
@@ -37,6 +37,12 @@ async def test_never_reachable_fails_at_the_deadline(driver: str, wait_timeout: 
         finally:
             await close_client(client)
         elapsed = time.monotonic() - started
+        record(
+            "5 server unreachable",
+            runs=1,
+            faults=1,
+            late_ms=max(0, round((elapsed - wait_timeout) * 1000)),
+        )
 
         assert wait_timeout <= elapsed <= wait_timeout + LATE_BY_AT_MOST, elapsed
         assert f"could not reach MongoDB at 127.0.0.1:{port} within {wait_timeout:g} s" in str(
@@ -70,5 +76,6 @@ async def test_reachable_after_a_delay_boots_within_the_deadline(
         await close_client(client)
         server.stop()
 
+    record("5 server unreachable", runs=1, faults=1)
     assert outcome["report"].applied == [1, 2]
     assert delay <= outcome["at"] - started < deadline
