@@ -172,6 +172,11 @@ class ControlStore:
         self._coll = coll
         self.name: str = coll.name
 
+    @property
+    def collection(self) -> Any:
+        """The collection holding the control document (majority write concern)."""
+        return self._coll
+
     async def read(self) -> Control:
         return parse_control(await self._coll.find_one({"_id": CONTROL_ID}), self.name)
 

@@ -7,6 +7,7 @@ with majority write concern, and read the server's clock.
 
 from __future__ import annotations
 
+import inspect
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -51,6 +52,18 @@ def is_async_database(value: object) -> bool:
 def majority_collection(db: Any, name: str) -> Any:
     """``db[name]`` with majority write concern, so a lock survives a primary failover."""
     return db.get_collection(name, write_concern=MAJORITY)
+
+
+async def open_change_stream(coll: Any, pipeline: list[dict[str, Any]], idle_wait: float) -> Any:
+    """A change stream on ``coll``, opened now so that an unsupported deployment fails here.
+
+    PyMongo's ``watch`` is a coroutine; motor's returns a stream that opens lazily, on
+    entering it as a context manager.
+    """
+    stream = coll.watch(pipeline, max_await_time_ms=max(1, int(idle_wait * 1000)))
+    if inspect.isawaitable(stream):
+        return await stream
+    return await stream.__aenter__()
 
 
 async def server_time(db: Any) -> datetime:

@@ -37,6 +37,7 @@ from .errors import (
 from .history import History, error_fields, utc_now
 from .migrations import Migration, MigrationSource, load_migrations, step_arity
 from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
+from .watch import ControlWatch
 
 log = logging.getLogger("bootmigrate")
 
@@ -233,6 +234,24 @@ class _Runner:
         return await self._apply(settled.control, settled.plan)
 
     async def _settle(self) -> MigrationReport | _Held:
+        """Until there is nothing to do or the lock is ours. Waiting replicas follow the control
+        document's changes in a task of their own (where the deployment has change streams),
+        so they wake when the holder finishes, not at their next poll."""
+        settled: MigrationReport | _Held | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            watch = ControlWatch(self.control.collection, tasks, self.max_poll_interval)
+            try:
+                settled = await self._settle_with(watch)
+            except Exception as exc:  # re-raised below, outside the task group
+                error = exc
+            tasks.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        assert settled is not None
+        return settled
+
+    async def _settle_with(self, watch: ControlWatch) -> MigrationReport | _Held:
         deadline = time.monotonic() + self.wait_timeout
         backoff = wait_random_exponential(
             multiplier=FIRST_POLL_INTERVAL, max=self.max_poll_interval
@@ -245,6 +264,7 @@ class _Runner:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_Busy, ConnectionFailure)),
             wait=until_deadline,
+            sleep=watch.nap,
             stop=stop_after_delay(self.wait_timeout),
             before_sleep=self._before_sleep,
             reraise=True,

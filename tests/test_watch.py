@@ -1,0 +1,110 @@
+"""Waiters wake on a change stream where the deployment has them, and poll where it does not."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from bootmigrate import migrate
+from bootmigrate.watch import ControlWatch
+from tests.helpers import recorders
+from tests.support import SecantusDaemon, close_client, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def standalone_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server that presents itself as standalone, so it refuses change streams."""
+    if os.environ.get("MONGODB_URI"):
+        pytest.skip("needs a standalone server of its own")
+    server = SecantusDaemon(Path(tmp_path_factory.mktemp("standalone")), None, "--standalone")
+    server.start()
+    yield server.uri
+    server.stop()
+
+
+async def test_a_nap_ends_when_the_control_document_changes(db: Any) -> None:
+    await db.migrations.insert_one({"_id": "control", "locked": True, "version": 1})
+    async with anyio.create_task_group() as tasks:
+        watch = ControlWatch(db.migrations, tasks, idle_wait=1.0)
+        await watch.nap(5)  # opens the stream; its first wake is the re-read it asks for
+        assert watch.available is True
+
+        async def change_soon() -> None:
+            await anyio.sleep(0.2)
+            await db.migrations.update_one({"_id": "control"}, {"$set": {"version": 2}})
+
+        tasks.start_soon(change_soon)
+        with anyio.fail_after(30):  # a nap of 60 s would fail this: the change ends it
+            await watch.nap(60)
+        tasks.cancel_scope.cancel()
+
+
+async def test_changes_to_other_documents_do_not_wake(db: Any) -> None:
+    await db.migrations.insert_one({"_id": "control", "locked": True, "version": 1})
+    async with anyio.create_task_group() as tasks:
+        watch = ControlWatch(db.migrations, tasks, idle_wait=1.0)
+        await watch.nap(5)
+        await db.migrations.insert_one({"_id": "something else"})
+        started = anyio.current_time()
+        await watch.nap(1.0)
+        assert anyio.current_time() - started >= 0.9  # slept its full nap
+        tasks.cancel_scope.cancel()
+
+
+async def test_standalone_servers_fall_back_to_sleeping(driver: str, standalone_uri: str) -> None:
+    client = make_client(driver, standalone_uri)
+    try:
+        db = client["watch_fallback"]
+        await db.migrations.insert_one({"_id": "control", "locked": True, "version": 1})
+        async with anyio.create_task_group() as tasks:
+            watch = ControlWatch(db.migrations, tasks, idle_wait=1.0)
+            started = anyio.current_time()
+            await watch.nap(0.5)
+            assert watch.available is False
+            assert anyio.current_time() - started >= 0.45
+            tasks.cancel_scope.cancel()
+        await client.drop_database("watch_fallback")
+    finally:
+        await close_client(client)
+
+
+async def test_waiters_on_a_standalone_server_still_see_the_holder_finish(
+    driver: str, standalone_uri: str
+) -> None:
+    holder_client = make_client(driver, standalone_uri)
+    waiter_client = make_client(driver, standalone_uri)
+    release, inside = anyio.Event(), anyio.Event()
+
+    async def slow(db: Any) -> None:
+        inside.set()
+        await release.wait()
+
+    from bootmigrate import Migration
+
+    migrations = [Migration(version=1, up=slow, name="slow"), *recorders(2)]
+    reports: dict[str, Any] = {}
+    try:
+        async with anyio.create_task_group() as tasks:
+
+            async def run(name: str, client: Any) -> None:
+                reports[name] = await migrate(client["fallback"], migrations, wait_timeout=30)
+
+            tasks.start_soon(run, "holder", holder_client)
+            await inside.wait()
+            tasks.start_soon(run, "waiter", waiter_client)
+            await anyio.sleep(0.3)  # the fault: the holder keeps working this long
+            release.set()
+        await holder_client.drop_database("fallback")
+    finally:
+        await close_client(holder_client)
+        await close_client(waiter_client)
+
+    assert reports["holder"].holder and reports["waiter"].to_version == 2
+    assert not reports["waiter"].holder
