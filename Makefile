@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-faults lint types pytest demo clean
+.PHONY: test test-faults bench lint types pytest demo clean
 
 test: lint types pytest
 
@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# Benchmarks print tables (docs/performance.md explains them); not part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples migrations
-	$(BIN)/ruff format --check src tests examples migrations
+	$(BIN)/ruff check src tests examples migrations benchmarks
+	$(BIN)/ruff format --check src tests examples migrations benchmarks
 
 types: $(STAMP)
 	$(BIN)/mypy
