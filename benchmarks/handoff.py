@@ -25,7 +25,9 @@ async def up(db):
 """
 
 
-def spawn(uri: str, db: str, migrations: Path, driver: str) -> subprocess.Popen[str]:
+def spawn(
+    uri: str, db: str, migrations: Path, driver: str, algorithm: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -38,6 +40,8 @@ def spawn(uri: str, db: str, migrations: Path, driver: str) -> subprocess.Popen[
             str(migrations),
             "--driver",
             driver,
+            "--algorithm",
+            algorithm,
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -15,7 +15,7 @@ import pkgutil
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Union
@@ -45,10 +45,18 @@ class Migration:
     timeout: float | None = None
     description: str = ""
     source: str = ""
+    # Positional parameters of up and down (1: db; 2: db, ctx), read once when created.
+    _arities: dict[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.description:
             object.__setattr__(self, "description", self.name.replace("_", " "))
+        # Checked once, here, so that loading the same set again costs nothing.
+        object.__setattr__(self, "_arities", _check_migration(self))
+
+    def wants_context(self, direction: str) -> bool:
+        """Whether the step for ``direction`` takes ``ctx`` as its second parameter."""
+        return self._arities["down" if direction == "down" else "up"] == 2
 
     def label(self) -> str:
         """``0007 backfill_emails``: how logs and errors name this migration."""
@@ -80,7 +88,6 @@ def load_migrations(source: MigrationSource) -> list[Migration]:
                 raise InvalidMigrations(
                     f"expected Migration objects, got {type(item).__name__}: {item!r}"
                 )
-            _check_migration(item)
     return _sorted_unique(found)
 
 
@@ -88,14 +95,26 @@ def _looks_like_package(name: str) -> bool:
     return all(part.isidentifier() or part.isdigit() for part in name.split("."))
 
 
+# Loaded directories, by path and the files' sizes and times: loading the same unchanged
+# directory again (another migrate() call in the same process) imports nothing.
+_LOADED: dict[tuple[str, tuple[tuple[str, int, int], ...]], list[Migration]] = {}
+
+
 def _load_directory(directory: Path) -> list[Migration]:
+    files = [f for f in sorted(directory.glob("*.py")) if not f.name.startswith("_")]
+    stamps = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    key = (str(directory.resolve()), stamps)
+    if key not in _LOADED:
+        _LOADED[key] = _import_directory(directory, files)
+    return list(_LOADED[key])
+
+
+def _import_directory(directory: Path, files: list[Path]) -> list[Migration]:
     # A per-directory prefix keeps two migration directories with equal file names apart
     # in sys.modules.
     digest = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
     found = []
-    for file in sorted(directory.glob("*.py")):
-        if file.name.startswith("_"):
-            continue
+    for file in files:
         version, name = _parse_file_name(file.stem, file)
         module = _import_file(file, f"_bootmigrate_{digest}_{file.stem}")
         found.append(_from_module(module, version, name, str(file)))
@@ -168,11 +187,10 @@ def _from_module(module: ModuleType, version: int, name: str, origin: str) -> Mi
         description=doc[0] if doc else "",
         source=origin,
     )
-    _check_migration(migration)
     return migration
 
 
-def _check_migration(migration: Migration) -> None:
+def _check_migration(migration: Migration) -> dict[str, int]:
     where = migration.source or f"version {migration.version!r}"
     if (
         isinstance(migration.version, bool)
@@ -189,12 +207,13 @@ def _check_migration(migration: Migration) -> None:
         raise InvalidMigrations(
             f"migration {where}: timeout must be a positive number of seconds, got {timeout!r}"
         )
-    _check_step(migration.up, "up", where)
+    arities = {"up": _check_step(migration.up, "up", where), "down": 1}
     if migration.down is not None:
-        _check_step(migration.down, "down", where)
+        arities["down"] = _check_step(migration.down, "down", where)
+    return arities
 
 
-def _check_step(step: object, kind: str, where: str) -> None:
+def _check_step(step: object, kind: str, where: str) -> int:
     if not callable(step):
         raise InvalidMigrations(f"migration {where}: `{kind}` is not callable")
     if not inspect.iscoroutinefunction(step):
@@ -205,12 +224,13 @@ def _check_step(step: object, kind: str, where: str) -> None:
     try:
         count = step_arity(step)
     except ValueError:
-        return
+        return 1  # no signature to read (a C callable): called with the database alone
     if count not in (1, 2):
         raise InvalidMigrations(
             f"migration {where}: `{kind}` takes {count} positional parameters; "
             f"declare `async def {kind}(db)` or `async def {kind}(db, ctx)`"
         )
+    return count
 
 
 def step_arity(step: object) -> int:

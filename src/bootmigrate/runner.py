@@ -35,7 +35,7 @@ from .errors import (
     MigrationFailed,
 )
 from .history import History, error_fields, utc_now
-from .migrations import Migration, MigrationSource, load_migrations, step_arity
+from .migrations import Migration, MigrationSource, load_migrations
 from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
 from .watch import ControlWatch
 
@@ -237,12 +237,20 @@ class _Runner:
         """Until there is nothing to do or the lock is ours. Waiting replicas follow the control
         document's changes in a task of their own (where the deployment has change streams),
         so they wake when the holder finishes, not at their next poll."""
+        deadline = time.monotonic() + self.wait_timeout
+        try:
+            # Every boot but the few after a deploy ends here: one read, no other machinery.
+            return await self._attempt(deadline)
+        except (_Busy, ConnectionFailure) as exc:
+            first: BaseException = exc
+        except TimeoutError as exc:
+            self._give_up(exc)
         settled: MigrationReport | _Held | None = None
         error: Exception | None = None
         async with anyio.create_task_group() as tasks:
             watch = ControlWatch(self.control.collection, tasks, self.max_poll_interval)
             try:
-                settled = await self._settle_with(watch)
+                settled = await self._settle_with(watch, deadline, first)
             except Exception as exc:  # re-raised below, outside the task group
                 error = exc
             tasks.cancel_scope.cancel()
@@ -251,8 +259,9 @@ class _Runner:
         assert settled is not None
         return settled
 
-    async def _settle_with(self, watch: ControlWatch) -> MigrationReport | _Held:
-        deadline = time.monotonic() + self.wait_timeout
+    async def _settle_with(
+        self, watch: ControlWatch, deadline: float, first: BaseException
+    ) -> MigrationReport | _Held:
         backoff = wait_random_exponential(
             multiplier=FIRST_POLL_INTERVAL, max=self.max_poll_interval
         )
@@ -269,21 +278,32 @@ class _Runner:
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        outcomes = [first]  # the attempt already made counts as tenacity's first
+
+        async def attempt() -> MigrationReport | _Held:
+            if outcomes:
+                raise outcomes.pop()
+            return await self._attempt(deadline)
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt(deadline)
-        except _Busy as busy:
-            self._raise_wait_timeout(busy.control)
-        except (ConnectionFailure, TimeoutError) as exc:
-            if self._last_seen is not None and self._last_seen.locked:
-                self._raise_wait_timeout(self._last_seen)
-            raise DatabaseUnavailable(
-                f"could not reach MongoDB at {address_of(self.db)} within "
-                f"{self.wait_timeout:g} s (wait_timeout): {exc}. Check that the server is up "
-                "and the connection string is right; migrations were not run."
-            ) from exc
+            async for retry in retrying:
+                with retry:
+                    return await attempt()
+        except (_Busy, ConnectionFailure, TimeoutError) as exc:
+            self._give_up(exc)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _give_up(self, exc: BaseException) -> NoReturn:
+        """The deadline passed: say why, as the error an operator can act on."""
+        if isinstance(exc, _Busy):
+            self._raise_wait_timeout(exc.control)
+        if self._last_seen is not None and self._last_seen.locked:
+            self._raise_wait_timeout(self._last_seen)
+        raise DatabaseUnavailable(
+            f"could not reach MongoDB at {address_of(self.db)} within "
+            f"{self.wait_timeout:g} s (wait_timeout): {exc}. Check that the server is up "
+            "and the connection string is right; migrations were not run."
+        ) from exc
 
     async def _attempt(self, deadline: float) -> MigrationReport | _Held:
         while True:  # loops only when another replica changed the document under us
@@ -666,7 +686,7 @@ class _Runner:
 
     async def _invoke(self, function: Any, step: Step) -> Any:
         migration = step.migration
-        if step_arity(function) == 1:
+        if not migration.wants_context(step.direction):
             return await function(self.db)
         context = MigrationContext(
             db=self.db,
