@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,28 +55,21 @@ class Failure(Exception):
         self.code = code
 
 
+@dataclass
 class Session:
     """The options every command shares, and the connection made from them."""
 
-    def __init__(
-        self,
-        uri: str,
-        db: str | None,
-        migrations: str,
-        collection: str,
-        timeout: float,
-        driver: str,
-        as_json: bool,
-        debug: bool,
-    ) -> None:
-        self.uri = uri
-        self.db_name = db
-        self.migrations = migrations
-        self.collection = collection
-        self.timeout = timeout
-        self.driver = driver
-        self.as_json = as_json
-        self.debug = debug
+    uri: str
+    db_name: str | None
+    migrations: str
+    collection: str
+    timeout: float
+    driver: str
+    as_json: bool
+    debug: bool
+    console: Console = field(init=False)
+
+    def __post_init__(self) -> None:
         # Piped output (logs, scripts) gets wide lines rather than 80-column folding.
         self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
