@@ -4,6 +4,7 @@ takeover of a live holder, and a dead holder is taken over a full lease after it
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -16,10 +17,15 @@ import pytest
 from tests.faults.conftest import double_applies, record
 from tests.support import Worker, recording_migrations, wait_until
 
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+# Where Debian and others install the multi-threaded preload library, whatever the arch.
+FOUND = sorted(
+    glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
+    + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1")
+)
+LIBFAKETIME = FOUND[0] if FOUND else ""
 
 pytestmark = pytest.mark.skipif(
-    not (shutil.which("faketime") and os.path.exists(LIBFAKETIME)),
+    not (shutil.which("faketime") and LIBFAKETIME),
     reason="libfaketime is not installed (Debian package faketime)",
 )
 
