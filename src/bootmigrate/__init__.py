@@ -15,8 +15,10 @@ from .errors import (
     MigrationFailed,
     UnsupportedUpgrade,
 )
+from .holder import MigrationContext
 from .migrations import Migration, load_migrations
-from .runner import MigrationContext, MigrationReport, migrate
+from .report import MigrationReport
+from .runner import migrate
 
 __all__ = [
     "ControlLocked",

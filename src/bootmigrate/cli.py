@@ -26,7 +26,8 @@ from . import commands
 from .drivers import address_of
 from .errors import MigrationError
 from .plan import Plan, Target
-from .runner import MigrationReport, migrate
+from .report import MigrationReport
+from .runner import migrate
 
 # Exit codes, for scripts and probes.
 OK = 0

@@ -20,7 +20,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from pymongo import ReturnDocument
@@ -343,4 +343,26 @@ def _unchanged(seen: Control) -> dict[str, Any]:
         # None matches a missing field too, as in a document written by Rocket.Chat.
         "token": seen.raw.get("token"),
         "beats": seen.raw.get("beats"),
+    }
+
+
+def utc_now() -> datetime:
+    """Wall-clock time for records people read; leases never use it."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def failure_record(
+    kind: str, running: dict[str, Any], who: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """The ``failure`` sub-document that makes a lock stuck: what, where, when, why."""
+    return {
+        "kind": kind,
+        "version": running.get("version"),
+        "name": running.get("name"),
+        "direction": running.get("direction"),
+        "host": who.get("host"),
+        "pid": who.get("pid"),
+        "build": who.get("build"),
+        "at": utc_now(),
+        **fields,
     }

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import traceback
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal
 
-from .control import Owner
+from .control import Owner, utc_now
 
 Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
 Direction = Literal["up", "down", "rerun"]
 
 # Enough of a traceback to find the failing line without bloating the control document.
 TRACEBACK_TAIL_CHARS = 2000
-
-
-def utc_now() -> datetime:
-    """Wall-clock time for records people read; leases never use it."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def error_fields(exc: BaseException) -> dict[str, str]:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
 import anyio
@@ -22,8 +18,9 @@ from tenacity import (
     stop_after_delay,
     wait_random_exponential,
 )
+from tenacity.wait import wait_base
 
-from .control import Control, ControlStore, Owner
+from .control import Control, ControlStore, Owner, failure_record
 from .drivers import address_of, detect_driver, majority_collection, server_time
 from .envvar import ENV_VAR, VersionRequest, parse_version_request
 from .errors import (
@@ -31,51 +28,18 @@ from .errors import (
     DatabaseAhead,
     DatabaseUnavailable,
     InvalidTarget,
-    LockLost,
-    MigrationFailed,
 )
-from .history import History, error_fields, utc_now
+from .history import History
+from .holder import Holder
 from .migrations import Migration, MigrationSource, load_migrations
-from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
+from .plan import Plan, Target, latest_version, plan_for, resolve_target
+from .report import MigrationReport, log_fields
 from .watch import ControlWatch
 
 log = logging.getLogger("bootmigrate")
 
 # The first polls come quickly (a hand-off is usually imminent); later ones back off.
 FIRST_POLL_INTERVAL = 0.05
-
-
-@dataclass(frozen=True)
-class MigrationReport:
-    """What one ``migrate()`` call found and did.
-
-    ``from_version``: the version at this call's first read; ``to_version``: at its end.
-    ``applied``/``reverted``: versions this call ran up/down. ``waited``: seconds spent
-    waiting for another process's lock. ``holder``: whether this call took the lock.
-    ``ahead``: the database is newer than this build. ``exit_requested``:
-    ``MIGRATION_VERSION=N,exit`` asked the service to exit once migrated.
-    """
-
-    from_version: int
-    to_version: int
-    applied: list[int] = field(default_factory=list)
-    reverted: list[int] = field(default_factory=list)
-    waited: float = 0.0
-    holder: bool = False
-    ahead: bool = False
-    exit_requested: bool = False
-
-
-@dataclass
-class MigrationContext:
-    """The optional second argument of a migration step."""
-
-    db: Any
-    version: int
-    name: str
-    direction: str
-    log: logging.LoggerAdapter[logging.Logger]
-    session: Any = None
 
 
 class _Busy(Exception):
@@ -231,7 +195,16 @@ class _Runner:
         settled = await self._settle()
         if isinstance(settled, MigrationReport):
             return settled
-        return await self._apply(settled.control, settled.plan)
+        holder = Holder(
+            self.db,
+            self.known,
+            control=self.control,
+            history=self.history,
+            owner=self.owner,
+            migration_timeout=self.migration_timeout,
+            retry_wait=self._backoff(),
+        )
+        return await holder.apply(settled.control, settled.plan, self._waited())
 
     async def _settle(self) -> MigrationReport | _Held:
         """Until there is nothing to do or the lock is ours. Waiting replicas follow the control
@@ -262,9 +235,7 @@ class _Runner:
     async def _settle_with(
         self, watch: ControlWatch, deadline: float, first: BaseException
     ) -> MigrationReport | _Held:
-        backoff = wait_random_exponential(
-            multiplier=FIRST_POLL_INTERVAL, max=self.max_poll_interval
-        )
+        backoff = self._backoff()
 
         def until_deadline(state: RetryCallState) -> float:
             # Never sleep past the deadline: the last look comes at the deadline, not after.
@@ -292,6 +263,10 @@ class _Runner:
         except (_Busy, ConnectionFailure, TimeoutError) as exc:
             self._give_up(exc)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _backoff(self) -> wait_base:
+        """Exponential backoff with full jitter, from 50 ms up to ``max_poll_interval``."""
+        return wait_random_exponential(multiplier=FIRST_POLL_INTERVAL, max=self.max_poll_interval)
 
     def _give_up(self, exc: BaseException) -> NoReturn:
         """The deadline passed: say why, as the error an operator can act on."""
@@ -352,20 +327,20 @@ class _Runner:
                 raise DatabaseAhead(message + " Refused because on_ahead='error'.")
             log.warning(
                 message + " Booting anyway (on_ahead='warn').",
-                extra=_fields("database_ahead", db_version=control.version),
+                extra=log_fields("database_ahead", db_version=control.version),
             )
         if self._busy_since is not None:
             log.info(
                 "database reached version %d after waiting %.1f s; done",
                 control.version,
                 self._waited(),
-                extra=_fields("wait_done", db_version=control.version, waited_s=self._waited()),
+                extra=log_fields("wait_done", db_version=control.version, waited_s=self._waited()),
             )
         else:
             log.info(
                 "database at version %d: nothing to migrate",
                 control.version,
-                extra=_fields("up_to_date", db_version=control.version),
+                extra=log_fields("up_to_date", db_version=control.version),
             )
         first = self._first_seen or control
         return MigrationReport(
@@ -420,7 +395,7 @@ class _Runner:
                     "migration",
                     control.holder(),
                     silent_for,
-                    extra=_fields("dead_lock_released", holder=control.owner),
+                    extra=log_fields("dead_lock_released", holder=control.owner),
                 )
 
     async def _silence(self, control: Control, deadline: float) -> float:
@@ -463,7 +438,7 @@ class _Runner:
             f"holder {control.holder()} stopped heartbeating for {silent_for:.1f} s "
             "inside this migration (killed or crashed)"
         )
-        failure = _failure(
+        failure = failure_record(
             "interrupted",
             running,
             control.owner or {},
@@ -526,7 +501,7 @@ class _Runner:
                     f" since {c.locked_at:%H:%M:%S} UTC" if c.locked_at else "",
                     c.version,
                     f", running {c.running.get('version')}" if c.running else "",
-                    extra=_fields(
+                    extra=log_fields(
                         "waiting",
                         holder=c.owner,
                         locked_since=c.locked_at,
@@ -538,330 +513,10 @@ class _Runner:
             log.warning(
                 "MongoDB unreachable (%s); retrying until the wait_timeout",
                 exc,
-                extra=_fields("unreachable", error=str(exc)),
+                extra=log_fields("unreachable", error=str(exc)),
             )
 
     def _waited(self) -> float:
         if self._busy_since is None:
             return 0.0
         return time.monotonic() - self._busy_since
-
-    # -- holding the lock ----------------------------------------------------------------------
-
-    async def _apply(self, control: Control, plan: Plan) -> MigrationReport:
-        waited = self._waited()
-        token = control.token
-        state = _Progress(version=control.version)
-        error: Exception | None = None
-        log.info(
-            "took the migration lock (token %d): %d migration(s) to run, version %d -> %d",
-            token,
-            len(plan.steps),
-            plan.from_version,
-            plan.to_version,
-            extra=_fields(
-                "lock_taken",
-                token=token,
-                db_version=plan.from_version,
-                target_version=plan.to_version,
-                waited_s=waited,
-            ),
-        )
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._keep_alive, token, tasks.cancel_scope.cancel)
-            try:
-                await self._run_steps(token, plan, state)
-            except Exception as exc:  # re-raised below, outside the task group
-                error = exc
-            tasks.cancel_scope.cancel()
-        if self._lost:
-            raise LockLost(
-                f"this process lost the migration lock (token {token}) while running "
-                f"migrations: it missed heartbeats for longer than its lease "
-                f"({self.owner.lease:g} s), so another process may have taken over. It "
-                "stopped and wrote nothing more."
-            ) from error
-        if error is not None:
-            raise error
-        log.info(
-            "migrations done: database at version %d",
-            state.version,
-            extra=_fields(
-                "migrations_done",
-                db_version=state.version,
-                applied=state.applied,
-                reverted=state.reverted,
-            ),
-        )
-        return MigrationReport(
-            from_version=plan.from_version,
-            to_version=state.version,
-            applied=state.applied,
-            reverted=state.reverted,
-            waited=waited,
-            holder=True,
-        )
-
-    async def _run_steps(self, token: int, plan: Plan, state: _Progress) -> None:
-        try:
-            for step in plan.steps:
-                await self._write(functools.partial(self.control.start, token, step.running()))
-                await anyio.lowlevel.checkpoint()  # a cancellation here is still "between"
-                await self._run_step(token, step, state)
-            await self._write(lambda: self.control.release(token))
-        except anyio.get_cancelled_exc_class():
-            if not self._lost and not state.inside:
-                log.warning(
-                    "cancelled between migrations: releasing the lock at version %d", state.version
-                )
-                await self._write(lambda: self.control.release(token))
-            raise
-
-    async def _run_step(self, token: int, step: Step, state: _Progress) -> None:
-        migration = step.migration
-        started_at = utc_now()
-        started = time.monotonic()
-        log.debug("running migration %s (%s)", migration.label(), step.direction)
-        state.inside = True  # stays set if the step is cancelled: it is then handled here
-        try:
-            result = await self._call(step)
-            if result is not None:
-                if inspect.iscoroutine(result):
-                    result.close()  # never awaited by us: silence the warning, keep the error
-                raise TypeError(
-                    f"{step.direction} returned {result!r}; a migration step must return None "
-                    "(was an `await` forgotten?)"
-                )
-        except anyio.get_cancelled_exc_class():
-            if not self._lost:
-                await self._record_interruption(token, step, started_at, started)
-            raise
-        except Exception as exc:
-            await self._record_failure(token, step, exc, started_at, started)
-            raise MigrationFailed(
-                self._failure_message(step, exc), version=migration.version
-            ) from exc
-        state.inside = False
-        duration = time.monotonic() - started
-        await self._write(lambda: self.control.advance(token, step.version_after))
-        await self._write(
-            lambda: self.history.record(
-                version=migration.version,
-                name=migration.name,
-                direction=step.direction,
-                outcome="applied",
-                started_at=started_at,
-                duration=duration,
-                token=token,
-            )
-        )
-        state.done(step)
-        log.info(
-            "applied migration %s (%s) in %.3f s",
-            migration.label(),
-            step.direction,
-            duration,
-            extra=_fields(
-                "migration_applied",
-                migration_version=migration.version,
-                migration_name=migration.name,
-                direction=step.direction,
-                duration_s=duration,
-            ),
-        )
-
-    async def _call(self, step: Step) -> Any:
-        migration = step.migration
-        function = migration.down if step.direction == "down" else migration.up
-        assert function is not None  # the plan refuses a down step without `down`
-        timeout = migration.timeout or self.migration_timeout
-        scope: anyio.CancelScope | None = None
-        try:
-            with anyio.fail_after(timeout) as scope:
-                return await self._invoke(function, step)
-        except TimeoutError:
-            if timeout is None or scope is None or not scope.cancel_called:
-                raise  # the migration's own TimeoutError, not ours
-            raise TimeoutError(f"ran longer than its timeout of {timeout:g} s") from None
-
-    async def _invoke(self, function: Any, step: Step) -> Any:
-        migration = step.migration
-        if not migration.wants_context(step.direction):
-            return await function(self.db)
-        context = MigrationContext(
-            db=self.db,
-            version=migration.version,
-            name=migration.name,
-            direction=step.direction,
-            log=logging.LoggerAdapter(log, {"migration": migration.version}),
-        )
-        return await function(self.db, context)
-
-    async def _record_failure(
-        self, token: int, step: Step, exc: Exception, started_at: datetime, started: float
-    ) -> None:
-        migration = step.migration
-        failure = _failure("failed", step.running(), self.owner.as_document(), **error_fields(exc))
-        log.error(
-            "migration %s failed: %s; leaving the lock stuck",
-            migration.label(),
-            failure["error"],
-            extra=_fields(
-                "migration_failed",
-                migration_version=migration.version,
-                migration_name=migration.name,
-                error=failure["error"],
-            ),
-        )
-        await self._write(lambda: self.control.stick(token, failure))
-        await self._write(
-            lambda: self.history.record(
-                version=migration.version,
-                name=migration.name,
-                direction=step.direction,
-                outcome="failed",
-                started_at=started_at,
-                duration=time.monotonic() - started,
-                token=token,
-                error=exc,
-            )
-        )
-
-    async def _record_interruption(
-        self, token: int, step: Step, started_at: datetime, started: float
-    ) -> None:
-        migration = step.migration
-        if migration.idempotent:
-            log.warning(
-                "cancelled inside idempotent migration %s: releasing the lock; the "
-                "next boot re-runs it",
-                migration.label(),
-            )
-            await self._write(lambda: self.control.release(token))
-        else:
-            log.error(
-                "cancelled inside migration %s: leaving the lock stuck as interrupted",
-                migration.label(),
-            )
-            failure = _failure(
-                "interrupted",
-                step.running(),
-                self.owner.as_document(),
-                error="cancelled while running (the process was asked to stop)",
-            )
-            await self._write(lambda: self.control.stick(token, failure))
-        await self._write(
-            lambda: self.history.record(
-                version=migration.version,
-                name=migration.name,
-                direction=step.direction,
-                outcome="interrupted",
-                started_at=started_at,
-                duration=time.monotonic() - started,
-                token=token,
-                note="cancelled while running",
-            )
-        )
-
-    def _failure_message(self, step: Step, exc: Exception) -> str:
-        migration = step.migration
-        return (
-            f"migration {migration.label()} ({step.direction}) failed on {self.owner.host} "
-            f"(pid {self.owner.pid}): {type(exc).__name__}: {exc}. The lock in collection "
-            f"{self.control.name!r} is left held on purpose, database at version "
-            f"{self._last_version(step)}. Fix the migration, then run `bootmigrate unlock`; "
-            f"the next boot resumes at migration {migration.version}."
-        )
-
-    def _last_version(self, step: Step) -> int:
-        if step.direction == "down":
-            return step.migration.version
-        if step.direction == "rerun":
-            return step.version_after
-        return max((m.version for m in self.known if m.version < step.migration.version), default=0)
-
-    async def _write(self, write: Callable[[], Any]) -> None:
-        """A holder's bookkeeping write: shielded from cancellation, retried on connection
-        loss for at most one lease (after that the lock may no longer be ours anyway)."""
-        with anyio.CancelScope(shield=True):
-            try:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(ConnectionFailure),
-                    wait=wait_random_exponential(
-                        multiplier=FIRST_POLL_INTERVAL, max=self.max_poll_interval
-                    ),
-                    stop=stop_after_delay(self.owner.lease),
-                    reraise=True,
-                ):
-                    with attempt:
-                        await write()
-            except ConnectionFailure as exc:
-                raise DatabaseUnavailable(
-                    f"lost contact with MongoDB at {address_of(self.db)} for over "
-                    f"{self.owner.lease:g} s (the lease) while holding the migration lock: "
-                    f"{exc}. The lock will expire; the next process to boot decides from the "
-                    "control document whether the interrupted migration may be re-run."
-                ) from exc
-
-    async def _keep_alive(self, token: int, stop: Callable[[], None]) -> None:
-        """Refresh the lease every lease/3; stop everything once the lock may not be ours."""
-        lease = self.owner.lease
-        last_beat = time.monotonic()
-        while True:
-            await anyio.sleep(lease / 3)
-            remaining = last_beat + lease - time.monotonic()
-            ours: bool | None = None
-            with anyio.move_on_after(max(remaining, 0.0)):
-                try:
-                    ours = await self.control.heartbeat(token)
-                except Exception as exc:  # keep beating; the lease decides when to give up
-                    log.warning("heartbeat failed: %s", exc)
-            if ours:
-                last_beat = time.monotonic()
-                continue
-            if ours is False or time.monotonic() - last_beat >= lease:
-                log.error(
-                    "lost the migration lock (token %d); stopping without further writes", token
-                )
-                self._lost = True
-                stop()
-                return
-
-
-def _fields(event: str, **fields: Any) -> dict[str, Any]:
-    """Structured attributes for a log record: ``event`` names it for log shippers."""
-    return {"event": event, **fields}
-
-
-def _failure(
-    kind: str, running: dict[str, Any], who: dict[str, Any], **fields: Any
-) -> dict[str, Any]:
-    """The ``failure`` sub-document that makes a lock stuck: what, where, when, why."""
-    return {
-        "kind": kind,
-        "version": running.get("version"),
-        "name": running.get("name"),
-        "direction": running.get("direction"),
-        "host": who.get("host"),
-        "pid": who.get("pid"),
-        "build": who.get("build"),
-        "at": utc_now(),
-        **fields,
-    }
-
-
-@dataclass
-class _Progress:
-    """Where the holder is: the version reached, what ran, and whether a step is running."""
-
-    version: int
-    applied: list[int] = field(default_factory=list)
-    reverted: list[int] = field(default_factory=list)
-    inside: bool = False
-
-    def done(self, step: Step) -> None:
-        self.version = step.version_after
-        if step.direction == "down":
-            self.reverted.append(step.migration.version)
-        else:
-            self.applied.append(step.migration.version)

@@ -13,7 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from ..migrations import MigrationSource
-from ..runner import MigrationReport, migrate
+from ..report import MigrationReport
+from ..runner import migrate
 from . import DatabaseOrFactory, resolve_database
 
 REPORT: web.AppKey[MigrationReport] = web.AppKey("bootmigrate_report", MigrationReport)
