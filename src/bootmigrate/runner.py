@@ -1,4 +1,4 @@
-"""``migrate()``: read, plan, wait or acquire, apply under a heartbeat, report."""
+"""``migrate()``: read, plan, then wait, acquire or take over; holder.py applies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
 import anyio
-import anyio.lowlevel
 from pymongo.errors import ConnectionFailure
 from tenacity import (
     AsyncRetrying,
