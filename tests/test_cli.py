@@ -303,3 +303,15 @@ def test_database_name_is_required(cli: Cli) -> None:
     done = cli("status", BOOTMIGRATE_DB="")
 
     one_line_error(done, "no database named: pass --db")
+
+
+def test_status_shows_a_running_migrations_progress(cli: Cli) -> None:
+    _live_lock(cli)
+    cli.db.migrations.update_one(
+        {"_id": "control"}, {"$set": {"running.progress": {"done": 300, "total": 1200}}}
+    )
+
+    done = cli("status")
+
+    assert "running    2 step_2 (300/1200 done)" in done.stdout
+    assert cli.json("status")["lock"]["running"]["progress"]["done"] == 300

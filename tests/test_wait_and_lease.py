@@ -235,3 +235,19 @@ async def test_live_lock_beyond_this_builds_target_is_left_alone(db: Any) -> Non
 
     assert report.to_version == 3
     assert (await control(db) or {})["locked"] is True
+
+
+async def test_progress_is_recorded_on_the_control_document(db: Any) -> None:
+    seen: list[Any] = []
+
+    async def backfill(db: Any, ctx: Any) -> None:
+        for done in (250, 500):
+            await ctx.progress(done, 1000)
+            seen.append((await control(db) or {})["running"]["progress"])
+
+    report = await migrate(db, [Migration(version=1, up=backfill, name="backfill")])
+
+    assert report.applied == [1]
+    assert [(p["done"], p["total"]) for p in seen] == [(250, 1000), (500, 1000)]
+    assert all(p["at"] for p in seen)  # stamped by the server
+    assert "running" not in (await control(db) or {})  # gone once the migration is done

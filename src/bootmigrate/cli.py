@@ -506,7 +506,11 @@ def _print_status(session: Session, found: commands.Status) -> None:
                 ("heartbeat", f"{lock.heartbeat_age:.1f} s ago, lease {lock.lease:g} s{expired}")
             )
         if lock.running:
-            rows.append(("running", f"{lock.running.get('version')} {lock.running.get('name')}"))
+            progress = lock.running.get("progress") or {}
+            done = f" ({progress.get('done')}/{progress.get('total')} done)" if progress else ""
+            rows.append(
+                ("running", f"{lock.running.get('version')} {lock.running.get('name')}{done}")
+            )
         if lock.failure:
             failure = lock.failure
             rows.append(

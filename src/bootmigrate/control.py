@@ -291,6 +291,16 @@ class ControlStore:
         that died inside a migration from one that died between two."""
         await self._fenced(token, {"$set": {"running": running}})
 
+    async def progress(self, token: int, done: int, total: int) -> None:
+        """Record how far the running migration has got (shown by ``status``)."""
+        await self._fenced(
+            token,
+            {
+                "$set": {"running.progress.done": done, "running.progress.total": total},
+                "$currentDate": {"running.progress.at": True},
+            },
+        )
+
     async def advance(self, token: int, version: int) -> None:
         """Record a finished migration: the version reached, and no migration running."""
         await self._fenced(

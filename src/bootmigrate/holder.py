@@ -7,7 +7,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,7 +31,11 @@ log = logging.getLogger("bootmigrate")
 
 @dataclass
 class MigrationContext:
-    """The optional second argument of a migration step."""
+    """The optional second argument of a migration step.
+
+    ``await ctx.progress(done, total)`` records how far a long migration has got on the
+    control document (``running.progress``), where ``bootmigrate status`` shows it.
+    """
 
     db: Any
     version: int
@@ -39,6 +43,12 @@ class MigrationContext:
     direction: str
     log: logging.LoggerAdapter[logging.Logger]
     session: Any = None
+    report_progress: Callable[[int, int], Awaitable[None]] | None = field(default=None, repr=False)
+
+    async def progress(self, done: int, total: int) -> None:
+        """Record progress (one fenced write: call it per batch, not per document)."""
+        if self.report_progress is not None:
+            await self.report_progress(done, total)
 
 
 class Holder:
@@ -63,10 +73,11 @@ class Holder:
         self.migration_timeout = migration_timeout
         self.retry_wait = retry_wait
         self._lost = False
+        self._token = 0
 
     async def apply(self, control: Control, plan: Plan, waited: float) -> MigrationReport:
         """Run ``plan`` under the lock ``control`` records as ours, beating all along."""
-        token = control.token
+        token = self._token = control.token
         state = _Progress(version=control.version)
         error: Exception | None = None
         log.info(
@@ -153,7 +164,7 @@ class Holder:
                 await self._record_interruption(token, step, started_at, started)
             raise
         except Exception as exc:
-            await self._recordfailure_record(token, step, exc, started_at, started)
+            await self._record_failure(token, step, exc, started_at, started)
             raise MigrationFailed(
                 self._failure_message(step, exc), version=migration.version
             ) from exc
@@ -210,10 +221,11 @@ class Holder:
             name=migration.name,
             direction=step.direction,
             log=logging.LoggerAdapter(log, {"migration": migration.version}),
+            report_progress=functools.partial(self.control.progress, self._token),
         )
         return await function(self.db, context)
 
-    async def _recordfailure_record(
+    async def _record_failure(
         self, token: int, step: Step, exc: Exception, started_at: datetime, started: float
     ) -> None:
         migration = step.migration
