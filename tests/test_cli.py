@@ -315,3 +315,15 @@ def test_status_shows_a_running_migrations_progress(cli: Cli) -> None:
 
     assert "running    2 step_2 (300/1200 done)" in done.stdout
     assert cli.json("status")["lock"]["running"]["progress"]["done"] == 300
+
+
+def test_validate_reports_a_changed_migration_and_exits_6(cli: Cli) -> None:
+    assert cli("up").returncode == 0
+    assert cli("validate").returncode == 0
+    (cli.migrations / "0002_step_2.py").write_text(STEP.format(v=20))
+
+    done = cli("validate")
+
+    assert done.returncode == 6
+    assert "step_2" in done.stdout and "changed" in done.stdout
+    assert [d["version"] for d in cli.json("validate")] == [2]

@@ -35,6 +35,7 @@ ERROR = 1  # 2 is click's own, for a usage error
 PENDING = 3
 LOCKED = 4
 STUCK = 5
+DRIFT = 6
 
 STATE_EXIT = {
     "up-to-date": OK,
@@ -255,7 +256,7 @@ def main() -> None:
     """See and drive bootmigrate's MongoDB migrations without hand-editing the database.
 
     Exit codes: 0 success (status: up to date), 1 error, 2 usage, 3 pending migrations,
-    4 locked by a running migration, 5 stuck after a failure.
+    4 locked by a running migration, 5 stuck after a failure, 6 applied migrations changed.
     """
 
 
@@ -394,6 +395,29 @@ def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
             f"version set from {before.version} to {version} (recorded in history)"
         ),
     )
+
+
+@main.command()
+@common
+def validate(session: Session) -> int:
+    """Applied migrations whose code changed or disappeared; runs nothing. Exit 6 if any."""
+    drift = session.run(
+        lambda db: commands.validate(db, session.migrations, collection=session.collection)
+    )
+
+    def human() -> None:
+        if not drift:
+            session.console.print("every applied migration matches the code that ran")
+            return
+        table = _table("version", "name", "problem", "checksum then", "checksum now")
+        for d in drift:
+            table.add_row(
+                str(d.version), d.name, d.problem, d.recorded[:12], (d.current or "")[:12]
+            )
+        session.console.print(table)
+
+    session.emit([vars(d) for d in drift], human)
+    return DRIFT if drift else OK
 
 
 @main.command()

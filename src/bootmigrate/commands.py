@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from .checksums import Drift, find_drift
 from .control import Control, ControlStore, Owner
 from .drivers import detect_driver, majority_collection, server_time
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
@@ -213,6 +214,15 @@ async def set_version(
         note=f"version set by an operator from {control.version} to {version}",
     )
     return control
+
+
+async def validate(
+    db: Any, migrations: MigrationSource, *, collection: str = "migrations"
+) -> list[Drift]:
+    """Read-only: applied migrations whose code changed or disappeared since they ran."""
+    known, store = _prepare(db, migrations, collection)
+    control = await store.read()
+    return await find_drift(db[f"{collection}_history"], known, control.version)
 
 
 async def history(

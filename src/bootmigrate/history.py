@@ -41,6 +41,7 @@ class History:
         token: int | None = None,
         error: BaseException | None = None,
         note: str | None = None,
+        checksum: str | None = None,
     ) -> None:
         finished_at = utc_now()
         doc: dict[str, Any] = {
@@ -59,6 +60,8 @@ class History:
         }
         if error is not None:
             doc.update(error_fields(error))
+        if checksum:
+            doc["checksum"] = checksum
         if action:
             doc["action"] = action
         if note:

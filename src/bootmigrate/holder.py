@@ -180,6 +180,7 @@ class Holder:
                 started_at=started_at,
                 duration=duration,
                 token=token,
+                checksum=migration.checksum if step.direction != "down" else None,
             )
         )
         state.done(step)

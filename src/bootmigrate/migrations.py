@@ -45,12 +45,16 @@ class Migration:
     timeout: float | None = None
     description: str = ""
     source: str = ""
+    # sha256 of the module's source file; for a Migration made in code, of its steps' source.
+    checksum: str = ""
     # Positional parameters of up and down (1: db; 2: db, ctx), read once when created.
     _arities: dict[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.description:
             object.__setattr__(self, "description", self.name.replace("_", " "))
+        if not self.checksum:
+            object.__setattr__(self, "checksum", _steps_checksum(self.up, self.down))
         # Checked once, here, so that loading the same set again costs nothing.
         object.__setattr__(self, "_arities", _check_migration(self))
 
@@ -186,8 +190,23 @@ def _from_module(module: ModuleType, version: int, name: str, origin: str) -> Mi
         timeout=getattr(module, "timeout", None),
         description=doc[0] if doc else "",
         source=origin,
+        checksum=_file_checksum(getattr(module, "__file__", None)),
     )
     return migration
+
+
+def _file_checksum(path: str | None) -> str:
+    if not path:
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _steps_checksum(*steps: object) -> str:
+    try:
+        text = "".join(inspect.getsource(step) for step in steps if step is not None)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""  # no source to read (a builtin, or code made at run time)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_migration(migration: Migration) -> dict[str, int]:

@@ -19,6 +19,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
+from .checksums import find_drift
 from .control import Control, ControlStore, Owner, failure_record
 from .drivers import address_of, detect_driver, majority_collection, server_time
 from .envvar import ENV_VAR, VersionRequest, parse_version_request
@@ -26,6 +27,7 @@ from .errors import (
     ControlLocked,
     DatabaseAhead,
     DatabaseUnavailable,
+    InvalidMigrations,
     InvalidTarget,
 )
 from .history import History
@@ -71,6 +73,7 @@ async def migrate(
     rerun: int | None = None,
     max_poll_interval: float = 2.0,
     migration_timeout: float | None = None,
+    validate: bool = False,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
 
@@ -83,7 +86,8 @@ async def migrate(
     version. ``floor`` is the oldest database version this build upgrades from (default:
     the version just before its oldest migration). ``migration_timeout`` bounds each
     migration (a module's own ``timeout`` wins); one that runs over fails like one that
-    raised.
+    raised. ``validate=True`` first refuses (``InvalidMigrations``, nothing written) if an
+    applied migration's code changed or disappeared since it ran.
 
     When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
     is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
@@ -106,12 +110,16 @@ async def migrate(
     known = load_migrations(migrations)
     if request is not None:
         _check_request(request, known)
+    control = ControlStore(majority_collection(db, collection))
+    history_name = history_collection or f"{collection}_history"
+    if validate:
+        await _refuse_drift(db, known, control, history_name)
     runner = _Runner(
         db,
         known,
         target=target,
-        control=ControlStore(majority_collection(db, collection)),
-        history_name=history_collection or f"{collection}_history",
+        control=control,
+        history_name=history_name,
         owner=Owner.this_process(build, lease),
         wait_timeout=wait_timeout,
         fresh=fresh,
@@ -125,6 +133,20 @@ async def migrate(
     if request is not None and request.exit:
         report = replace(report, exit_requested=True)
     return report
+
+
+async def _refuse_drift(
+    db: Any, known: list[Migration], control: ControlStore, history_name: str
+) -> None:
+    version = (await control.read()).version
+    drift = await find_drift(majority_collection(db, history_name), known, version)
+    if drift:
+        raise InvalidMigrations(
+            "applied migrations differ from the ones that ran: "
+            + "; ".join(d.describe() for d in drift)
+            + ". A migration that ran never runs again: restore its code and put the change "
+            "in a new migration (`bootmigrate validate` lists them)."
+        )
 
 
 def _check_request(request: VersionRequest, known: list[Migration]) -> None:
