@@ -228,6 +228,20 @@ class ControlStore:
             {},
         )
 
+    async def retry_failed(self, seen: Control, owner: Owner) -> Control | None:
+        """Take a lock stuck by a failure, only if it is still exactly as ``seen``."""
+        return await self._swap(
+            {
+                "_id": CONTROL_ID,
+                "locked": True,
+                "token": seen.token,
+                "failure.kind": "failed",
+                "failure.build": (seen.failure or {}).get("build"),
+            },
+            owner,
+            {"$unset": {"failure": "", "running": ""}},
+        )
+
     async def _swap(
         self, condition: dict[str, Any], owner: Owner, extra: dict[str, Any]
     ) -> Control | None:

@@ -74,6 +74,7 @@ async def migrate(
     max_poll_interval: float = 2.0,
     migration_timeout: float | None = None,
     validate: bool = False,
+    retry_failed_on_new_build: bool = False,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
 
@@ -88,6 +89,8 @@ async def migrate(
     migration (a module's own ``timeout`` wins); one that runs over fails like one that
     raised. ``validate=True`` first refuses (``InvalidMigrations``, nothing written) if an
     applied migration's code changed or disappeared since it ran.
+    ``retry_failed_on_new_build=True`` lets a build other than the one a migration failed on
+    take the stuck lock and retry it (never an interrupted one, never a live lock).
 
     When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
     is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
@@ -128,6 +131,7 @@ async def migrate(
         rerun=rerun,
         max_poll_interval=max_poll_interval,
         migration_timeout=migration_timeout,
+        retry_failed_on_new_build=retry_failed_on_new_build,
     )
     report = await runner.run()
     if request is not None and request.exit:
@@ -190,6 +194,7 @@ class _Runner:
         rerun: int | None,
         max_poll_interval: float,
         migration_timeout: float | None,
+        retry_failed_on_new_build: bool = False,
     ) -> None:
         self.db = db
         self.known = known
@@ -205,6 +210,7 @@ class _Runner:
         self.rerun = rerun
         self.max_poll_interval = max_poll_interval
         self.migration_timeout = migration_timeout
+        self.retry_failed_on_new_build = retry_failed_on_new_build
         self._last_seen: Control | None = None
         self._first_seen: Control | None = None
         self._busy_since: float | None = None
@@ -315,8 +321,10 @@ class _Runner:
                     continue
                 return skipped
             if control.stuck:
-                raise self._stuck_error(control)
-            if not control.locked:
+                if not self._may_retry(control):
+                    raise self._stuck_error(control)
+                held = await self._retry_failed(control)
+            elif not control.locked:
                 held = await self._acquire(control)
             elif control.owner and control.owner.get("id") == self.owner.id:
                 held = control  # our acquire went through though its reply was lost
@@ -476,6 +484,44 @@ class _Runner:
                     token=control.token,
                     note=error,
                 )
+
+    def _may_retry(self, control: Control) -> bool:
+        """A lock stuck by a failure is retried only when the operator opted in and this is
+        a different build (the fix, presumably); never an interrupted one, never the same
+        build, and never a live lock."""
+        failure = control.failure or {}
+        return bool(
+            self.retry_failed_on_new_build
+            and failure.get("kind") == "failed"
+            and self.owner.build
+            and failure.get("build") != self.owner.build
+        )
+
+    async def _retry_failed(self, control: Control) -> Control | None:
+        failure = control.failure or {}
+        with anyio.CancelScope(shield=True):
+            held = await self.control.retry_failed(control, self.owner)
+            if held is not None:
+                await self.history.record(
+                    version=int(failure.get("version") or 0),
+                    name=str(failure.get("name") or ""),
+                    direction=None,
+                    outcome="manual",
+                    action="retry-on-new-build",
+                    token=held.token,
+                    note=f"build {self.owner.build} retries the migration that failed on build "
+                    f"{failure.get('build')}: {failure.get('error')}",
+                )
+        if held is not None:
+            log.warning(
+                "build %s retries migration %s, which failed on build %s "
+                "(retry_failed_on_new_build=True)",
+                self.owner.build,
+                failure.get("version"),
+                failure.get("build"),
+                extra=log_fields("failed_retried", migration_version=failure.get("version")),
+            )
+        return held
 
     def _stuck_error(self, control: Control) -> ControlLocked:
         failure = control.failure or {}
