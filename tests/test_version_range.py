@@ -75,3 +75,53 @@ async def test_down_without_down_steps_is_refused_before_locking(db: Any) -> Non
         await migrate(db, recorders(1, 2, down=False), target=0)
 
     assert await control(db) == before
+
+
+async def test_a_floor_declared_in_the_package_names_the_release_to_pass_through(
+    db: Any, tmp_path: Any
+) -> None:
+    from tests.support import write_migrations
+
+    folder = write_migrations(
+        tmp_path,
+        {
+            "__init__.py": 'FLOOR = 233\nFLOOR_RELEASE = "6.0"\n',
+            "0234_add_index.py": "async def up(db):\n    await db.ran.insert_one({'v': 234})\n",
+        },
+    )
+    await db.migrations.insert_one({"_id": "control", "locked": False, "version": 200})
+
+    with pytest.raises(UnsupportedUpgrade) as caught:
+        await migrate(db, folder)
+
+    assert "at version 200, older than version 233" in str(caught.value)
+    assert "Upgrade through release 6.0 first" in str(caught.value)
+    assert await ran(db) == []
+    await db.migrations.update_one({"_id": "control"}, {"$set": {"version": 233}})
+    assert (await migrate(db, folder)).applied == [234]
+
+
+async def test_an_explicit_floor_overrides_the_declared_one(db: Any, tmp_path: Any) -> None:
+    from tests.support import write_migrations
+
+    folder = write_migrations(
+        tmp_path,
+        {
+            "__init__.py": "FLOOR = 233\n",
+            "0234_add_index.py": "async def up(db):\n    pass\n",
+        },
+    )
+    await db.migrations.insert_one({"_id": "control", "locked": False, "version": 200})
+
+    assert (await migrate(db, folder, floor=200)).applied == [234]
+
+
+def test_a_malformed_declared_floor_is_refused(tmp_path: Any) -> None:
+    from bootmigrate import InvalidMigrations
+    from bootmigrate.migrations import declared_floor
+    from tests.support import write_migrations
+
+    write_migrations(tmp_path, {"__init__.py": 'FLOOR = "233"\n'})
+
+    with pytest.raises(InvalidMigrations, match=r"FLOOR in .* must be a non-negative version"):
+        declared_floor(tmp_path)

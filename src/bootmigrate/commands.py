@@ -17,7 +17,7 @@ from .control import Control, ControlStore, Owner
 from .drivers import detect_driver, majority_collection, server_time
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
 from .history import History
-from .migrations import Migration, MigrationSource, load_migrations
+from .migrations import Migration, MigrationSource, declared_floor, load_migrations
 from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
 
 State = Literal["up-to-date", "pending", "locked", "stuck", "ahead", "unsupported"]
@@ -103,7 +103,13 @@ async def status(db: Any, migrations: MigrationSource, *, collection: str = "mig
     pending: tuple[Step, ...] = ()
     problem = None
     try:
-        pending = plan_for(control, known).steps
+        declared = declared_floor(migrations)
+        pending = plan_for(
+            control,
+            known,
+            floor=declared.version if declared else None,
+            floor_release=declared.release if declared else None,
+        ).steps
     except MigrationError as exc:
         problem = str(exc)
     state: State
@@ -134,7 +140,11 @@ async def plan(
 ) -> Plan:
     """What ``migrate()`` would run from here, without a lock or a write."""
     known, store = _prepare(db, migrations, collection)
-    return plan_for(await store.read(), known, target=target, floor=floor)
+    declared = declared_floor(migrations)
+    if declared is not None and floor is None:
+        floor = declared.version
+    release = declared.release if declared else None
+    return plan_for(await store.read(), known, target=target, floor=floor, floor_release=release)
 
 
 async def unlock(db: Any, *, collection: str = "migrations", force: bool = False) -> Unlocked:

@@ -95,6 +95,49 @@ def load_migrations(source: MigrationSource) -> list[Migration]:
     return _sorted_unique(found)
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The oldest database version a release upgrades from, and the release to pass through
+    for anything older (``FLOOR`` and ``FLOOR_RELEASE`` in the migrations package)."""
+
+    version: int
+    release: str | None = None
+
+
+def declared_floor(source: MigrationSource) -> Floor | None:
+    """``FLOOR`` (and ``FLOOR_RELEASE``) from the migrations package's ``__init__``, if any."""
+    module: ModuleType | None = None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        init = path / "__init__.py"
+        if path.is_dir():
+            if init.exists():
+                module = _import_init(init)
+        elif isinstance(source, str) and _looks_like_package(source):
+            module = importlib.import_module(source)
+    if module is None or getattr(module, "FLOOR", None) is None:
+        return None
+    version, release = module.FLOOR, getattr(module, "FLOOR_RELEASE", None)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise InvalidMigrations(
+            f"FLOOR in {module.__name__} must be a non-negative version number, got {version!r}"
+        )
+    if release is not None and not isinstance(release, str):
+        raise InvalidMigrations(f"FLOOR_RELEASE in {module.__name__} must be text, got {release!r}")
+    return Floor(version, release)
+
+
+def _import_init(init: Path) -> ModuleType:
+    stamp = (str(init.resolve()), init.stat().st_mtime_ns, init.stat().st_size)
+    if stamp not in _INITS:
+        digest = hashlib.sha1(stamp[0].encode()).hexdigest()[:10]
+        _INITS[stamp] = _import_file(init, f"_bootmigrate_{digest}_package")
+    return _INITS[stamp]
+
+
+_INITS: dict[tuple[str, int, int], ModuleType] = {}
+
+
 def _looks_like_package(name: str) -> bool:
     return all(part.isidentifier() or part.isdigit() for part in name.split("."))
 

@@ -65,6 +65,7 @@ def make_plan(
     *,
     floor: int | None,
     fresh: bool,
+    floor_release: str | None = None,
 ) -> Plan:
     """Plan a move from ``version`` to ``target``, refusing what must not be attempted."""
     wanted = resolve_target(target, known)
@@ -80,12 +81,16 @@ def make_plan(
     if version < wanted:
         lowest = default_floor(known) if floor is None else floor
         if not fresh and version < lowest:
+            through = (
+                f"release {floor_release}"
+                if floor_release
+                else f"a release that has the migrations after {version} up to {lowest}"
+            )
             raise UnsupportedUpgrade(
                 f"the database is at version {version}, older than version {lowest}, the "
                 f"oldest this build upgrades from (its migrations: {_span(known)}). Upgrade "
-                f"through a release that has the migrations after {version} up to {lowest} "
-                "first; if they were applied another way, record that with "
-                f"`bootmigrate set-version {lowest}`."
+                f"through {through} first; if those migrations were applied another way, "
+                f"record that with `bootmigrate set-version {lowest}`."
             )
         steps = tuple(Step(m, "up", m.version) for m in known if version < m.version <= wanted)
         return Plan(version, wanted, steps)
@@ -133,6 +138,7 @@ def plan_for(
     target: Target = "latest",
     floor: int | None = None,
     rerun: int | None = None,
+    floor_release: str | None = None,
 ) -> Plan:
     """The plan of a call that read ``control``: a rerun, or a move to ``target``."""
     if rerun is not None:
@@ -143,6 +149,7 @@ def plan_for(
         target,
         floor=floor,
         fresh=not control.exists or control.version == 0,
+        floor_release=floor_release,
     )
 
 

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .history import History
 from .holder import Holder
-from .migrations import Migration, MigrationSource, load_migrations
+from .migrations import Migration, MigrationSource, declared_floor, load_migrations
 from .plan import Plan, Target, latest_version, plan_for, resolve_target
 from .report import MigrationReport, log_fields
 from .watch import ControlWatch
@@ -70,6 +70,7 @@ async def migrate(
     fresh: Literal["run", "skip"] = "run",
     on_ahead: Literal["warn", "error"] = "warn",
     floor: int | None = None,
+    floor_release: str | None = None,
     rerun: int | None = None,
     max_poll_interval: float = 2.0,
     migration_timeout: float | None = None,
@@ -85,7 +86,9 @@ async def migrate(
 
     ``rerun=N`` runs migration ``N``'s ``up`` again under the lock without changing the
     version. ``floor`` is the oldest database version this build upgrades from (default:
-    the version just before its oldest migration). ``migration_timeout`` bounds each
+    ``FLOOR`` in the migrations package, else the version just before its oldest
+    migration); ``floor_release`` (default ``FLOOR_RELEASE``) names the release to upgrade
+    through when the database is older. ``migration_timeout`` bounds each
     migration (a module's own ``timeout`` wins); one that runs over fails like one that
     raised. ``validate=True`` first refuses (``InvalidMigrations``, nothing written) if an
     applied migration's code changed or disappeared since it ran.
@@ -111,6 +114,10 @@ async def migrate(
         migration_timeout=migration_timeout,
     )
     known = load_migrations(migrations)
+    declared = declared_floor(migrations)
+    if declared is not None:
+        floor = declared.version if floor is None else floor
+        floor_release = declared.release if floor_release is None else floor_release
     if request is not None:
         _check_request(request, known)
     control = ControlStore(majority_collection(db, collection))
@@ -128,6 +135,7 @@ async def migrate(
         fresh=fresh,
         on_ahead=on_ahead,
         floor=floor,
+        floor_release=floor_release,
         rerun=rerun,
         max_poll_interval=max_poll_interval,
         migration_timeout=migration_timeout,
@@ -191,6 +199,7 @@ class _Runner:
         fresh: str,
         on_ahead: str,
         floor: int | None,
+        floor_release: str | None,
         rerun: int | None,
         max_poll_interval: float,
         migration_timeout: float | None,
@@ -207,6 +216,7 @@ class _Runner:
         self.fresh = fresh
         self.on_ahead = on_ahead
         self.floor = floor
+        self.floor_release = floor_release
         self.rerun = rerun
         self.max_poll_interval = max_poll_interval
         self.migration_timeout = migration_timeout
@@ -343,7 +353,14 @@ class _Runner:
         return control
 
     def _plan(self, control: Control) -> Plan:
-        return plan_for(control, self.known, target=self.target, floor=self.floor, rerun=self.rerun)
+        return plan_for(
+            control,
+            self.known,
+            target=self.target,
+            floor=self.floor,
+            rerun=self.rerun,
+            floor_release=self.floor_release,
+        )
 
     async def _nothing_to_do(self, control: Control, plan: Plan) -> MigrationReport:
         if plan.ahead:
