@@ -48,6 +48,17 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def standalone_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server that presents itself as standalone, so it refuses change streams."""
+    if os.environ.get("MONGODB_URI"):
+        pytest.skip("needs a standalone server of its own")
+    server = SecantusDaemon(Path(tmp_path_factory.mktemp("standalone")), None, "--standalone")
+    server.start()
+    yield server.uri
+    server.stop()
+
+
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,20 +10,9 @@ import pytest
 from bootmigrate import migrate
 from bootmigrate.watch import ControlWatch
 from tests.helpers import recorders
-from tests.support import SecantusDaemon, close_client, make_client
+from tests.support import close_client, make_client
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def standalone_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A server that presents itself as standalone, so it refuses change streams."""
-    if os.environ.get("MONGODB_URI"):
-        pytest.skip("needs a standalone server of its own")
-    server = SecantusDaemon(Path(tmp_path_factory.mktemp("standalone")), None, "--standalone")
-    server.start()
-    yield server.uri
-    server.stop()
 
 
 async def test_a_nap_ends_when_the_control_document_changes(db: Any) -> None:

@@ -315,8 +315,10 @@ class ControlStore:
             },
         )
 
-    async def advance(self, token: int, version: int) -> None:
-        """Record a finished migration: the version reached, and no migration running."""
+    async def advance(self, token: int, version: int, session: Any = None) -> None:
+        """Record a finished migration: the version reached, and no migration running. Given
+        a session, the write joins its transaction (and fences it: a stale holder's
+        transaction matches nothing, and aborts)."""
         await self._fenced(
             token,
             {
@@ -325,6 +327,7 @@ class ControlStore:
                 "$inc": {"beats": 1},
                 "$currentDate": {"heartbeat": True},
             },
+            session,
         )
 
     async def release(self, token: int) -> None:
@@ -341,11 +344,12 @@ class ControlStore:
             {"$set": {"failure": failure}, "$unset": {"heartbeat": "", "owner": "", "running": ""}},
         )
 
-    async def _fenced(self, token: int, update: dict[str, Any]) -> Control:
+    async def _fenced(self, token: int, update: dict[str, Any], session: Any = None) -> Control:
         doc = await self._coll.find_one_and_update(
             {"_id": CONTROL_ID, "locked": True, "token": token},
             update,
             return_document=ReturnDocument.AFTER,
+            session=session,
         )
         if doc is None:
             raise LockLost(

@@ -8,9 +8,12 @@ with majority write concern, and read the server's clock.
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+import anyio
 from pymongo import WriteConcern
 
 Driver = Literal["motor", "pymongo"]
@@ -64,6 +67,41 @@ async def open_change_stream(coll: Any, pipeline: list[dict[str, Any]], idle_wai
     if inspect.isawaitable(stream):
         return await stream
     return await stream.__aenter__()
+
+
+async def supports_transactions(db: Any) -> bool:
+    """Replica sets and sharded clusters run multi-document transactions; standalone servers
+    do not. Asked of the server, not assumed."""
+    reply = await db.command("hello")
+    clustered = bool(reply.get("setName")) or reply.get("msg") == "isdbgrid"
+    return clustered and reply.get("logicalSessionTimeoutMinutes") is not None
+
+
+@asynccontextmanager
+async def transaction(db: Any) -> AsyncIterator[Any]:
+    """A session with a transaction (majority write concern) open on it: committed when the
+    block ends, aborted if it raises or is cancelled. Motor's ``start_session`` is a coroutine
+    and PyMongo's ``start_transaction`` is; the other of each is not."""
+    session = db.client.start_session()
+    if inspect.isawaitable(session):
+        session = await session
+    try:
+        started = session.start_transaction(write_concern=MAJORITY)
+        if inspect.isawaitable(started):
+            await started
+        try:
+            yield session
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await session.abort_transaction()
+            raise
+        with anyio.CancelScope(shield=True):
+            await session.commit_transaction()
+    finally:
+        with anyio.CancelScope(shield=True):
+            ended = session.end_session()
+            if inspect.isawaitable(ended):
+                await ended
 
 
 async def server_time(db: Any) -> datetime:

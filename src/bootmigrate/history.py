@@ -42,6 +42,7 @@ class History:
         error: BaseException | None = None,
         note: str | None = None,
         checksum: str | None = None,
+        session: Any = None,
     ) -> None:
         finished_at = utc_now()
         doc: dict[str, Any] = {
@@ -66,4 +67,4 @@ class History:
             doc["action"] = action
         if note:
             doc["note"] = note
-        await self._coll.insert_one(doc)
+        await self._coll.insert_one(doc, session=session)

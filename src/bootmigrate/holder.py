@@ -19,7 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from tenacity.wait import wait_base
 
 from .control import Control, ControlStore, Owner, failure_record, utc_now
-from .drivers import address_of
+from .drivers import address_of, transaction
 from .errors import DatabaseUnavailable, LockLost, MigrationFailed
 from .history import History, error_fields
 from .migrations import Migration
@@ -74,6 +74,8 @@ class Holder:
         self.retry_wait = retry_wait
         self._lost = False
         self._token = 0
+        self._in_transaction = False
+        self._beaten_at = 0.0  # when a transaction's commit last refreshed the heartbeat
 
     async def apply(self, control: Control, plan: Plan, waited: float) -> MigrationReport:
         """Run ``plan`` under the lock ``control`` records as ours, beating all along."""
@@ -151,18 +153,16 @@ class Holder:
         log.debug("running migration %s (%s)", migration.label(), step.direction)
         state.inside = True  # stays set if the step is cancelled: it is then handled here
         try:
-            result = await self._call(step)
-            if result is not None:
-                if inspect.iscoroutine(result):
-                    result.close()  # never awaited by us: silence the warning, keep the error
-                raise TypeError(
-                    f"{step.direction} returned {result!r}; a migration step must return None "
-                    "(was an `await` forgotten?)"
-                )
+            if migration.transactional:
+                await self._run_in_transaction(token, step, started_at, started)
+            else:
+                await self._call(step)
         except anyio.get_cancelled_exc_class():
             if not self._lost:
                 await self._record_interruption(token, step, started_at, started)
             raise
+        except LockLost:
+            raise  # fenced inside the transaction: it was aborted, nothing was committed
         except Exception as exc:
             await self._record_failure(token, step, exc, started_at, started)
             raise MigrationFailed(
@@ -170,19 +170,11 @@ class Holder:
             ) from exc
         state.inside = False
         duration = time.monotonic() - started
-        await self._write(lambda: self.control.advance(token, step.version_after))
-        await self._write(
-            lambda: self.history.record(
-                version=migration.version,
-                name=migration.name,
-                direction=step.direction,
-                outcome="applied",
-                started_at=started_at,
-                duration=duration,
-                token=token,
-                checksum=migration.checksum if step.direction != "down" else None,
+        if not migration.transactional:  # a transaction committed these with the migration
+            await self._write(lambda: self.control.advance(token, step.version_after))
+            await self._write(
+                lambda: self._applied(token, step, started_at, duration, session=None)
             )
-        )
         state.done(step)
         log.info(
             "applied migration %s (%s) in %.3f s",
@@ -198,21 +190,67 @@ class Holder:
             ),
         )
 
-    async def _call(self, step: Step) -> Any:
+    async def _applied(
+        self, token: int, step: Step, started_at: datetime, duration: float, session: Any
+    ) -> None:
+        migration = step.migration
+        await self.history.record(
+            version=migration.version,
+            name=migration.name,
+            direction=step.direction,
+            outcome="applied",
+            started_at=started_at,
+            duration=duration,
+            token=token,
+            checksum=migration.checksum if step.direction != "down" else None,
+            session=session,
+        )
+
+    async def _run_in_transaction(
+        self, token: int, step: Step, started_at: datetime, started: float
+    ) -> None:
+        """The migration, its version and its history record, committed together or not at
+        all. Heartbeats would conflict with the transaction's write to the control document,
+        so the lease is refreshed just before and the transaction must end within half of it;
+        its own fenced write refreshes the heartbeat again."""
+        if not await self.control.heartbeat(token):
+            raise LockLost(f"lost the migration lock (token {token}) before a transaction")
+        self._in_transaction = True
+        try:
+            async with transaction(self.db) as session:
+                await self._call(step, session, limit=self.owner.lease / 2)
+                await self.control.advance(token, step.version_after, session)
+                await self._applied(
+                    token, step, started_at, time.monotonic() - started, session=session
+                )
+        finally:
+            self._in_transaction = False
+            self._beaten_at = time.monotonic()
+
+    async def _call(self, step: Step, session: Any = None, limit: float | None = None) -> None:
         migration = step.migration
         function = migration.down if step.direction == "down" else migration.up
         assert function is not None  # the plan refuses a down step without `down`
         timeout = migration.timeout or self.migration_timeout
+        if limit is not None:
+            timeout = min(timeout or limit, limit)
         scope: anyio.CancelScope | None = None
         try:
             with anyio.fail_after(timeout) as scope:
-                return await self._invoke(function, step)
+                result = await self._invoke(function, step, session)
         except TimeoutError:
             if timeout is None or scope is None or not scope.cancel_called:
                 raise  # the migration's own TimeoutError, not ours
             raise TimeoutError(f"ran longer than its timeout of {timeout:g} s") from None
+        if result is not None:
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited by us: silence the warning, keep the error
+            raise TypeError(
+                f"{step.direction} returned {result!r}; a migration step must return None "
+                "(was an `await` forgotten?)"
+            )
 
-    async def _invoke(self, function: Any, step: Step) -> Any:
+    async def _invoke(self, function: Any, step: Step, session: Any) -> Any:
         migration = step.migration
         if not migration.wants_context(step.direction):
             return await function(self.db)
@@ -222,7 +260,12 @@ class Holder:
             name=migration.name,
             direction=step.direction,
             log=logging.LoggerAdapter(log, {"migration": migration.version}),
-            report_progress=functools.partial(self.control.progress, self._token),
+            session=session,
+            # Inside a transaction a progress write would conflict with the transaction's own
+            # write to the control document: progress is then not recorded.
+            report_progress=None
+            if session is not None
+            else functools.partial(self.control.progress, self._token),
         )
         return await function(self.db, context)
 
@@ -262,7 +305,7 @@ class Holder:
         self, token: int, step: Step, started_at: datetime, started: float
     ) -> None:
         migration = step.migration
-        if migration.idempotent:
+        if migration.idempotent or migration.transactional:  # a transaction left nothing
             log.warning(
                 "cancelled inside idempotent migration %s: releasing the lock; the "
                 "next boot re-runs it",
@@ -338,6 +381,9 @@ class Holder:
         last_beat = time.monotonic()
         while True:
             await anyio.sleep(lease / 3)
+            if self._in_transaction:
+                continue  # a beat would conflict with the transaction; it is short by design
+            last_beat = max(last_beat, self._beaten_at)
             remaining = last_beat + lease - time.monotonic()
             ours: bool | None = None
             with anyio.move_on_after(max(remaining, 0.0)):

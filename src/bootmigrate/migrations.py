@@ -34,7 +34,9 @@ class Migration:
 
     ``idempotent=True`` declares that running ``up`` twice is harmless, which lets a process
     that takes over from a dead holder re-run a migration the holder was interrupted in.
-    ``timeout`` (seconds) fails the migration if it runs longer.
+    ``timeout`` (seconds) fails the migration if it runs longer. ``transactional=True`` runs
+    it in a transaction (``ctx.session``) committed together with its version and history
+    record; it must then finish within half the lease.
     """
 
     version: int
@@ -42,6 +44,7 @@ class Migration:
     down: MigrationStep | None = None
     name: str = ""
     idempotent: bool = False
+    transactional: bool = False
     timeout: float | None = None
     description: str = ""
     source: str = ""
@@ -230,6 +233,7 @@ def _from_module(module: ModuleType, version: int, name: str, origin: str) -> Mi
         down=getattr(module, "down", None),
         name=name,
         idempotent=bool(getattr(module, "idempotent", False)),
+        transactional=bool(getattr(module, "transactional", False)),
         timeout=getattr(module, "timeout", None),
         description=doc[0] if doc else "",
         source=origin,

@@ -21,7 +21,13 @@ from tenacity.wait import wait_base
 
 from .checksums import find_drift
 from .control import Control, ControlStore, Owner, failure_record
-from .drivers import address_of, detect_driver, majority_collection, server_time
+from .drivers import (
+    address_of,
+    detect_driver,
+    majority_collection,
+    server_time,
+    supports_transactions,
+)
 from .envvar import ENV_VAR, VersionRequest, parse_version_request
 from .errors import (
     ControlLocked,
@@ -221,6 +227,7 @@ class _Runner:
         self.max_poll_interval = max_poll_interval
         self.migration_timeout = migration_timeout
         self.retry_failed_on_new_build = retry_failed_on_new_build
+        self._transactions_checked = False
         self._last_seen: Control | None = None
         self._first_seen: Control | None = None
         self._busy_since: float | None = None
@@ -335,6 +342,7 @@ class _Runner:
                     raise self._stuck_error(control)
                 held = await self._retry_failed(control)
             elif not control.locked:
+                await self._check_transactions(plan)
                 held = await self._acquire(control)
             elif control.owner and control.owner.get("id") == self.owner.id:
                 held = control  # our acquire went through though its reply was lost
@@ -464,7 +472,9 @@ class _Runner:
             raise _Busy(control)
         running = control.running
         interrupted = self.by_version.get(running["version"]) if running else None
-        if running and not (interrupted and interrupted.idempotent):
+        # Safe to re-run: declared idempotent, or run in a transaction (which the server aborted
+        # when its holder died, since a committed one would have cleared `running` with it).
+        if running and not (interrupted and (interrupted.idempotent or interrupted.transactional)):
             await self._stick_interrupted(control, silent_for)
             return None  # re-read: now stuck, and reported as such
         log.warning(
@@ -501,6 +511,20 @@ class _Runner:
                     token=control.token,
                     note=error,
                 )
+
+    async def _check_transactions(self, plan: Plan) -> None:
+        """Refuse, before taking the lock, a transactional migration the deployment cannot run
+        in a transaction, rather than run it without one."""
+        wanted = [s.migration.label() for s in plan.steps if s.migration.transactional]
+        if wanted and not self._transactions_checked:
+            if not await supports_transactions(self.db):
+                raise InvalidMigrations(
+                    f"migration {', '.join(wanted)} declares `transactional = True`, but this "
+                    "deployment does not support transactions (a standalone server). Run it on "
+                    "a replica set (a one-node replica set will do), or remove the declaration; "
+                    "nothing was run."
+                )
+            self._transactions_checked = True
 
     def _may_retry(self, control: Control) -> bool:
         """A lock stuck by a failure is retried only when the operator opted in and this is
