@@ -21,7 +21,7 @@ from tenacity.wait import wait_base
 from .control import Control, ControlStore, Owner, failure_record, utc_now
 from .drivers import address_of, transaction
 from .errors import DatabaseUnavailable, LockLost, MigrationFailed
-from .history import History, error_fields
+from .history import History, Outcome, error_fields
 from .migrations import Migration
 from .plan import Plan, Step
 from .report import MigrationReport, log_fields
@@ -173,7 +173,9 @@ class Holder:
         if not migration.transactional:  # a transaction committed these with the migration
             await self._write(lambda: self.control.advance(token, step.version_after))
             await self._write(
-                lambda: self._applied(token, step, started_at, duration, session=None)
+                lambda: self._recorded(
+                    token, step, "applied", started_at, started, checksum=self._checksum(step)
+                )
             )
         state.done(step)
         log.info(
@@ -190,21 +192,30 @@ class Holder:
             ),
         )
 
-    async def _applied(
-        self, token: int, step: Step, started_at: datetime, duration: float, session: Any
+    async def _recorded(
+        self,
+        token: int,
+        step: Step,
+        outcome: Outcome,
+        started_at: datetime,
+        started: float,
+        **details: Any,
     ) -> None:
+        """One history record of this step's run."""
         migration = step.migration
         await self.history.record(
             version=migration.version,
             name=migration.name,
             direction=step.direction,
-            outcome="applied",
+            outcome=outcome,
             started_at=started_at,
-            duration=duration,
+            duration=time.monotonic() - started,
             token=token,
-            checksum=migration.checksum if step.direction != "down" else None,
-            session=session,
+            **details,
         )
+
+    def _checksum(self, step: Step) -> str | None:
+        return step.migration.checksum if step.direction != "down" else None
 
     async def _run_in_transaction(
         self, token: int, step: Step, started_at: datetime, started: float
@@ -220,8 +231,14 @@ class Holder:
             async with transaction(self.db) as session:
                 await self._call(step, session, limit=self.owner.lease / 2)
                 await self.control.advance(token, step.version_after, session)
-                await self._applied(
-                    token, step, started_at, time.monotonic() - started, session=session
+                await self._recorded(
+                    token,
+                    step,
+                    "applied",
+                    started_at,
+                    started,
+                    checksum=self._checksum(step),
+                    session=session,
                 )
         finally:
             self._in_transaction = False
@@ -289,16 +306,7 @@ class Holder:
         )
         await self._write(lambda: self.control.stick(token, failure))
         await self._write(
-            lambda: self.history.record(
-                version=migration.version,
-                name=migration.name,
-                direction=step.direction,
-                outcome="failed",
-                started_at=started_at,
-                duration=time.monotonic() - started,
-                token=token,
-                error=exc,
-            )
+            lambda: self._recorded(token, step, "failed", started_at, started, error=exc)
         )
 
     async def _record_interruption(
@@ -307,8 +315,8 @@ class Holder:
         migration = step.migration
         if migration.idempotent or migration.transactional:  # a transaction left nothing
             log.warning(
-                "cancelled inside idempotent migration %s: releasing the lock; the "
-                "next boot re-runs it",
+                "cancelled inside migration %s, which is safe to run again: releasing the "
+                "lock; the next boot re-runs it",
                 migration.label(),
             )
             await self._write(lambda: self.control.release(token))
@@ -325,15 +333,8 @@ class Holder:
             )
             await self._write(lambda: self.control.stick(token, failure))
         await self._write(
-            lambda: self.history.record(
-                version=migration.version,
-                name=migration.name,
-                direction=step.direction,
-                outcome="interrupted",
-                started_at=started_at,
-                duration=time.monotonic() - started,
-                token=token,
-                note="cancelled while running",
+            lambda: self._recorded(
+                token, step, "interrupted", started_at, started, note="cancelled while running"
             )
         )
 
