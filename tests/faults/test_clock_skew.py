@@ -43,9 +43,11 @@ def skewed(offset: str) -> dict[str, str]:
 def test_skewed_waiters_never_take_over_a_live_holder(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
-    lease = 1.0
-    # Migration 1 runs for four leases while waiters whose clocks run 10 minutes ahead poll.
-    migrations = recording_migrations(tmp_path, 2, seconds=[4 * lease, 0.0])
+    # A lease long enough that a loaded CI machine never starves the holder's heartbeat: the
+    # clocks are 15 minutes apart, so a lease measured on them would fail at any length.
+    lease = 2.5
+    # Migration 1 runs for three leases while waiters whose clocks run 10 minutes ahead poll.
+    migrations = recording_migrations(tmp_path, 2, seconds=[3 * lease, 0.0])
     holder = Worker.start(
         uri=mongo_uri,
         db=sync_db.name,
