@@ -242,3 +242,30 @@ class Worker:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(timeout=10)
+
+
+def start_blocked_holder(
+    sync_db: Any,
+    uri: str,
+    driver: str,
+    migrations: Path,
+    at: int,
+    env: dict[str, str] | None = None,
+    **options: Any,
+) -> Worker:
+    """A worker that takes the lock and stays inside migration ``at`` (RECORDING_MIGRATION
+    blocks there), returned once its record shows it got there."""
+    holder = Worker.start(
+        uri=uri,
+        db=sync_db.name,
+        driver=driver,
+        migrations=migrations,
+        env={**(env or {}), "BM_BLOCK_AT": str(at)},
+        **options,
+    )
+    wait_until(
+        lambda: sync_db.ran.find_one({"version": at, "pid": holder.pid}),
+        30,
+        f"the holder to enter migration {at}",
+    )
+    return holder

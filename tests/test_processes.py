@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from tests.support import Worker, recording_migrations, wait_until
+from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
 
 pytestmark = pytest.mark.multiprocess
 
@@ -71,32 +71,13 @@ def test_boot_race_runs_each_migration_exactly_once(
     assert outcomes == [(1, "applied"), (2, "applied"), (3, "applied")]
 
 
-def _start_blocked_holder(
-    sync_db: Any, mongo_uri: str, driver: str, migrations: Path, lease: float
-) -> Worker:
-    holder = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        env={"BM_BLOCK_AT": "1"},
-        lease=lease,
-    )
-    wait_until(
-        lambda: sync_db.ran.find_one({"version": 1, "pid": holder.pid}),
-        30,
-        "the holder to start migration 1",
-    )
-    return holder
-
-
 @pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent", "plain"])
 def test_killed_holder_is_taken_over_only_after_its_lease(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, idempotent: bool
 ) -> None:
     lease = 1.5
     migrations = recording_migrations(tmp_path / "m", 3, idempotent=idempotent)
-    holder = _start_blocked_holder(sync_db, mongo_uri, driver, migrations, lease)
+    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations, 1, lease=lease)
     os.kill(holder.pid, signal.SIGKILL)
     holder.kill()
     dead = sync_db.migrations.find_one({"_id": "control"})
@@ -136,7 +117,7 @@ def test_paused_holder_is_fenced_and_writes_nothing_when_resumed(
 ) -> None:
     lease = 1.5
     migrations = recording_migrations(tmp_path / "m", 2, idempotent=True)
-    holder = _start_blocked_holder(sync_db, mongo_uri, driver, migrations, lease)
+    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations, 1, lease=lease)
     try:
         os.kill(holder.pid, signal.SIGSTOP)
         paused = sync_db.migrations.find_one({"_id": "control"})

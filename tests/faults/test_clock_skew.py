@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import double_applies, record
-from tests.support import Worker, recording_migrations, wait_until
+from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
 
 # Where Debian and others install the multi-threaded preload library, whatever the arch.
 FOUND = sorted(
@@ -90,15 +90,9 @@ def test_skewed_taker_waits_a_full_lease_of_server_time(
 ) -> None:
     lease = 1.5
     migrations = recording_migrations(tmp_path, 2, idempotent=True)
-    holder = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        env={**skewed("-10m"), "BM_BLOCK_AT": "1"},
-        lease=lease,
+    holder = start_blocked_holder(
+        sync_db, mongo_uri, driver, migrations, 1, env=skewed("-10m"), lease=lease
     )
-    wait_until(lambda: sync_db.ran.find_one({"version": 1}), 30, "the holder to start")
     os.kill(holder.pid, signal.SIGKILL)
     holder.kill()
     dead = sync_db.migrations.find_one({"_id": "control"})

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import record, scale
-from tests.support import Worker, recording_migrations, wait_until
+from tests.support import Worker, recording_migrations, start_blocked_holder
 
 LEASE = 1.0
 
@@ -39,19 +39,7 @@ def test_paused_holder_is_fenced(
 def check_fenced(db: Any, mongo_uri: str, driver: str, tmp: Path, where: str) -> None:
     migrations = recording_migrations(tmp, 3, idempotent=True)
     if where == "inside a migration":
-        holder = Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            env={"BM_BLOCK_AT": "2"},
-            lease=LEASE,
-        )
-        wait_until(
-            lambda: db.ran.find_one({"version": 2, "pid": holder.pid}),
-            30,
-            "the holder to enter migration 2",
-        )
+        holder = start_blocked_holder(db, mongo_uri, driver, migrations, 2, lease=LEASE)
         os.kill(holder.pid, signal.SIGSTOP)
     else:
         holder = Worker.start(

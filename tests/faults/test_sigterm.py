@@ -9,33 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.conftest import record
-from tests.support import Worker, recording_migrations, wait_until
+from tests.support import Worker, recording_migrations, start_blocked_holder
 
 STABLE = ("_id", "locked", "version", "token", "owner", "locked_at", "running", "failure")
 
 
-def start_blocked_holder(sync_db: Any, mongo_uri: str, driver: str, migrations: Path) -> Worker:
-    holder = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        env={"BM_BLOCK_AT": "2"},
-        lease=5,
-    )
-    wait_until(
-        lambda: sync_db.ran.find_one({"version": 2, "pid": holder.pid}),
-        30,
-        "the holder to enter migration 2",
-    )
-    return holder
+def blocked_in_2(sync_db: Any, mongo_uri: str, driver: str, migrations: Path) -> Worker:
+    return start_blocked_holder(sync_db, mongo_uri, driver, migrations, 2, lease=5)
 
 
 def test_sigterm_while_waiting_writes_nothing(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
     migrations = recording_migrations(tmp_path, 3)
-    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations)
+    holder = blocked_in_2(sync_db, mongo_uri, driver, migrations)
     try:
         before = sync_db.migrations.find_one({"_id": "control"})
         history = sync_db.migrations_history.count_documents({})
@@ -83,7 +70,7 @@ def test_sigterm_between_migrations_releases_at_the_version_reached(
 def test_sigterm_inside_a_migration_leaves_it_stuck_as_interrupted(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
-    holder = start_blocked_holder(sync_db, mongo_uri, driver, recording_migrations(tmp_path, 3))
+    holder = blocked_in_2(sync_db, mongo_uri, driver, recording_migrations(tmp_path, 3))
     holder.process.send_signal(signal.SIGTERM)
     result = holder.result()
 
@@ -100,7 +87,7 @@ def test_sigterm_inside_an_idempotent_migration_releases_for_a_rerun(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
     migrations = recording_migrations(tmp_path, 3, idempotent=True)
-    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations)
+    holder = blocked_in_2(sync_db, mongo_uri, driver, migrations)
     holder.process.send_signal(signal.SIGTERM)
     result = holder.result()
 
