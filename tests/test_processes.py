@@ -102,9 +102,10 @@ def test_killed_holder_is_taken_over_only_after_its_lease(
         return
     assert result["exit_code"] == 0, result
     assert (result["holder"], result["applied"]) == (True, [1, 2, 3])
-    assert result["waited"] > 0
     rerun = sync_db.ran.find_one({"version": 1, "pid": taker.pid})
     # Both instants are the server's: the takeover came a full lease after the last beat.
+    # Whether the taker had to wait depends on how long it took to start, so only the
+    # server's clock decides this test.
     taken_at = rerun["control"]["locked_at"]
     assert (taken_at - dead["heartbeat"]).total_seconds() >= lease
     assert rerun["control"]["token"] == dead["token"] + 1
