@@ -35,8 +35,10 @@ def main() -> int:
     parser.add_argument("--customers", type=int, default=4000)
     parser.add_argument("--build", default="2.0.0")
     args = parser.parse_args()
-    # SIGTERM ends the demo the way Ctrl-C does: through the cleanup below.
+    # SIGTERM ends the demo the way Ctrl-C does: through the cleanup below. SIGINT is set
+    # too, because a shell starting the demo in the background hands it SIGINT ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Processes stop (ExitStack) before their data directory is removed.
     with tempfile.TemporaryDirectory(prefix="bootmigrate-demo-") as tmp, ExitStack() as cleanup:
         try:
