@@ -17,7 +17,7 @@ from .control import Control, ControlStore, Owner
 from .drivers import detect_driver, majority_collection, server_time
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
 from .history import History
-from .migrations import Migration, MigrationSource, declared_floor, load_migrations
+from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
 from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
 
 State = Literal["up-to-date", "pending", "locked", "stuck", "ahead", "unsupported"]
@@ -103,13 +103,8 @@ async def status(db: Any, migrations: MigrationSource, *, collection: str = "mig
     pending: tuple[Step, ...] = ()
     problem = None
     try:
-        declared = declared_floor(migrations)
-        pending = plan_for(
-            control,
-            known,
-            floor=declared.version if declared else None,
-            floor_release=declared.release if declared else None,
-        ).steps
+        floor, release = floor_in_force(migrations)
+        pending = plan_for(control, known, floor=floor, floor_release=release).steps
     except MigrationError as exc:
         problem = str(exc)
     state: State
@@ -140,10 +135,7 @@ async def plan(
 ) -> Plan:
     """What ``migrate()`` would run from here, without a lock or a write."""
     known, store = _prepare(db, migrations, collection)
-    declared = declared_floor(migrations)
-    if declared is not None and floor is None:
-        floor = declared.version
-    release = declared.release if declared else None
+    floor, release = floor_in_force(migrations, floor)
     return plan_for(await store.read(), known, target=target, floor=floor, floor_release=release)
 
 

@@ -130,6 +130,19 @@ def declared_floor(source: MigrationSource) -> Floor | None:
     return Floor(version, release)
 
 
+def floor_in_force(
+    source: MigrationSource, floor: int | None = None, release: str | None = None
+) -> tuple[int | None, str | None]:
+    """The floor and its release a call works to: its own arguments, else the declared ones."""
+    declared = declared_floor(source)
+    if declared is None:
+        return floor, release
+    return (
+        declared.version if floor is None else floor,
+        declared.release if release is None else release,
+    )
+
+
 def _import_init(init: Path) -> ModuleType:
     stamp = (str(init.resolve()), init.stat().st_mtime_ns, init.stat().st_size)
     if stamp not in _INITS:

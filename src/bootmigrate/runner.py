@@ -38,7 +38,7 @@ from .errors import (
 )
 from .history import History
 from .holder import Holder
-from .migrations import Migration, MigrationSource, declared_floor, load_migrations
+from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
 from .plan import Plan, Target, latest_version, plan_for, resolve_target
 from .report import MigrationReport, log_fields
 from .watch import ControlWatch
@@ -120,10 +120,7 @@ async def migrate(
         migration_timeout=migration_timeout,
     )
     known = load_migrations(migrations)
-    declared = declared_floor(migrations)
-    if declared is not None:
-        floor = declared.version if floor is None else floor
-        floor_release = declared.release if floor_release is None else floor_release
+    floor, floor_release = floor_in_force(migrations, floor, floor_release)
     if request is not None:
         _check_request(request, known)
     control = ControlStore(majority_collection(db, collection))
