@@ -82,6 +82,15 @@ async def db(client: Any, db_name: str) -> AsyncIterator[Any]:
     await client.drop_database(db_name)
 
 
+@pytest.fixture
+def sync_db(mongo_uri: str, db_name: str) -> Iterator[Any]:
+    """The same database through the synchronous driver, for a test's own reads and writes."""
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    yield client[db_name]
+    client.drop_database(db_name)
+    client.close()
+
+
 class LogRecorder(logging.Handler):
     """Keeps bootmigrate's log records, and lets a test await one."""
 

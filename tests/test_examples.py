@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient as AiohttpClient
 from aiohttp.test_utils import TestServer
-from pymongo import MongoClient
 from starlette.testclient import TestClient
 
 from bootmigrate import migrate
@@ -28,12 +27,10 @@ OLD_SHAPE = [
 
 
 @pytest.fixture
-def sync_db(mongo_uri: str, db_name: str) -> Any:
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    client[db_name].customers.insert_many([dict(doc) for doc in OLD_SHAPE])
-    yield client[db_name]
-    client.drop_database(db_name)
-    client.close()
+def sync_db(sync_db: Any) -> Any:
+    """The shared fixture's database, holding customers in the previous release's shape."""
+    sync_db.customers.insert_many([dict(doc) for doc in OLD_SHAPE])
+    return sync_db
 
 
 @pytest.fixture

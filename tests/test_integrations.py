@@ -11,7 +11,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient as AiohttpClient
 from aiohttp.test_utils import TestServer
 from fastapi import FastAPI, Request
-from pymongo import MongoClient
 from starlette.testclient import TestClient
 
 from bootmigrate import ControlLocked, MigrationReport
@@ -19,14 +18,6 @@ from bootmigrate.integrations.aiohttp import REPORT, migrate_context
 from bootmigrate.integrations.fastapi import migrate_lifespan
 from tests.helpers import recorders
 from tests.support import close_client, make_client
-
-
-@pytest.fixture
-def sync_db(mongo_uri: str, db_name: str) -> Any:
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    yield client[db_name]
-    client.drop_database(db_name)
-    client.close()
 
 
 def fastapi_app(driver: str, uri: str, db_name: str, **options: Any) -> FastAPI:

@@ -9,21 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
 
 from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
 
 pytestmark = pytest.mark.multiprocess
 
 RACERS = 16
-
-
-@pytest.fixture
-def sync_db(mongo_uri: str, db_name: str) -> Any:
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    yield client[db_name]
-    client.drop_database(db_name)
-    client.close()
 
 
 def server_now(db: Any) -> Any:

@@ -13,7 +13,6 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
 
 FULL = os.environ.get("BOOTMIGRATE_FAULTS") == "full"
 
@@ -61,11 +60,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/faults/" in str(item.path).replace(os.sep, "/"):
             item.add_marker(pytest.mark.faults)
-
-
-@pytest.fixture
-def sync_db(mongo_uri: str, db_name: str) -> Any:
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    yield client[db_name]
-    client.drop_database(db_name)
-    client.close()
