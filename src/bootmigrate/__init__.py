@@ -3,6 +3,7 @@
 >>> report = await migrate(db, "migrations")  # doctest: +SKIP
 """
 
+from .context import MigrationContext
 from .errors import (
     ControlLocked,
     DatabaseAhead,
@@ -15,10 +16,10 @@ from .errors import (
     MigrationFailed,
     UnsupportedUpgrade,
 )
-from .holder import MigrationContext
 from .migrations import Migration, load_migrations
 from .report import MigrationReport
 from .runner import migrate
+from .settings import Settings
 
 __all__ = [
     "ControlLocked",
@@ -33,6 +34,7 @@ __all__ = [
     "MigrationError",
     "MigrationFailed",
     "MigrationReport",
+    "Settings",
     "UnsupportedUpgrade",
     "load_migrations",
     "migrate",

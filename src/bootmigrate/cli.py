@@ -27,7 +27,8 @@ from .drivers import address_of
 from .errors import MigrationError
 from .plan import Plan, Target
 from .report import MigrationReport
-from .runner import migrate
+from .runner import migrate_with
+from .settings import Settings
 
 # Exit codes, for scripts and probes.
 OK = 0
@@ -59,16 +60,15 @@ class Failure(Exception):
 
 @dataclass
 class Session:
-    """The options every command shares, and the connection made from them."""
+    """The options every command shares, the settings made from them, and the connection."""
 
     uri: str
     db_name: str | None
     migrations: str
-    collection: str
+    settings: Settings
     timeout: float
     driver: str
     as_json: bool
-    debug: bool
     console: Console = field(init=False)
 
     def __post_init__(self) -> None:
@@ -180,9 +180,16 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
     )
     @click.option(
         "--collection",
+        envvar="BOOTMIGRATE_COLLECTION",
         default="migrations",
         show_default=True,
-        help="Collection holding the control document.",
+        help="Collection holding the control document (env BOOTMIGRATE_COLLECTION).",
+    )
+    @click.option(
+        "--history-collection",
+        envvar="BOOTMIGRATE_HISTORY_COLLECTION",
+        help="Collection holding the history (env BOOTMIGRATE_HISTORY_COLLECTION; "
+        "default: <collection>_history).",
     )
     @click.option(
         "--timeout",
@@ -208,6 +215,7 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
         db: str | None,
         migrations: str,
         collection: str,
+        history_collection: str | None,
         timeout: float,
         driver: str,
         as_json: bool,
@@ -216,8 +224,9 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
         **kwargs: Any,
     ) -> None:
         _configure_logging(debug=debug, verbose=verbose)
-        session = Session(uri, db, migrations, collection, timeout, driver, as_json, debug)
         try:
+            settings = _settings(collection=collection, history_collection=history_collection)
+            session = Session(uri, db, migrations, settings, timeout, driver, as_json)
             code = command(session, **kwargs) or OK
         except (Failure, MigrationError) as exc:
             if debug:
@@ -235,6 +244,14 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
         sys.exit(code)
 
     return wrapper
+
+
+def _settings(**options: Any) -> Settings:
+    """Settings from flags and environment, a bad value reported as a one-line error."""
+    try:
+        return Settings(**options)
+    except (TypeError, ValueError) as exc:
+        raise Failure(str(exc)) from None
 
 
 def _configure_logging(*, debug: bool, verbose: bool) -> None:
@@ -265,9 +282,7 @@ def main() -> None:
 def status(session: Session) -> int:
     """Version, pending migrations and lock state. Exit 0 up to date, 3 pending, 4 locked,
     5 stuck."""
-    found = session.run(
-        lambda db: commands.status(db, session.migrations, collection=session.collection)
-    )
+    found = session.run(lambda db: commands.status(db, session.migrations, session.settings))
     session.emit(found.as_json(), lambda: _print_status(session, found))
     return STATE_EXIT[found.state]
 
@@ -278,11 +293,7 @@ def status(session: Session) -> int:
 def plan_command(session: Session, to: int | None) -> None:
     """What `up` (or `--to N`) would run, without running it: no lock, no writes."""
     target: Target = "latest" if to is None else to
-    found = session.run(
-        lambda db: commands.plan(
-            db, session.migrations, target=target, collection=session.collection
-        )
-    )
+    found = _plan(session, target)
     session.emit(_plan_json(found), lambda: _print_plan(session, found))
 
 
@@ -298,14 +309,7 @@ def plan_command(session: Session, to: int | None) -> None:
 @common
 def up(session: Session, to: int | None, wait_timeout: float) -> None:
     """Apply pending migrations (up to --to N)."""
-    found = session.run(
-        lambda db: commands.plan(
-            db,
-            session.migrations,
-            collection=session.collection,
-            target="latest" if to is None else to,
-        )
-    )
+    found = _plan(session, "latest" if to is None else to)
     if to is not None and found.to_version < found.from_version:
         raise Failure(
             f"--to {to} is below the database version {found.from_version}; "
@@ -320,9 +324,7 @@ def up(session: Session, to: int | None, wait_timeout: float) -> None:
 @common
 def down(session: Session, to: int, yes: bool) -> None:
     """Run down migrations to version N (asks first unless --yes)."""
-    found = session.run(
-        lambda db: commands.plan(db, session.migrations, target=to, collection=session.collection)
-    )
+    found = _plan(session, to)
     if found.to_version > found.from_version:
         raise Failure(
             f"--to {to} is above the database version {found.from_version}; "
@@ -355,16 +357,15 @@ def rerun(session: Session, version: int) -> None:
 @common
 def unlock(session: Session, force: bool) -> None:
     """Unlock a stuck or abandoned lock (refuses a live holder's unless --force)."""
-    done = session.run(lambda db: commands.unlock(db, collection=session.collection, force=force))
+    done = session.run(lambda db: commands.unlock(db, session.settings, force=force))
     data = {"changed": done.changed, "version": done.before.version, "before": done.before.raw}
 
     def human() -> None:
         if not done.changed:
             session.console.print(f"not locked: nothing to do (version {done.before.version})")
             return
-        was = commands.describe_lock(done.before, done.lock)
         session.console.print(
-            f"unlocked: was {was}; the next boot resumes from version {done.before.version}"
+            f"unlocked: was {done.was}; the next boot resumes from version {done.before.version}"
         )
 
     session.emit(data, human)
@@ -377,16 +378,14 @@ def unlock(session: Session, force: bool) -> None:
 @common
 def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
     """Record the database as being at VERSION without running anything (a skip)."""
-    current = session.run(
-        lambda db: commands.status(db, session.migrations, collection=session.collection)
-    )
+    current = session.run(lambda db: commands.status(db, session.migrations, session.settings))
     session.confirm(
         f"Set the version from {current.version} to {version} without running migrations?",
         yes,
     )
     before = session.run(
         lambda db: commands.set_version(
-            db, version, session.migrations, collection=session.collection, force=force
+            db, version, session.migrations, session.settings, force=force
         )
     )
     session.emit(
@@ -401,9 +400,7 @@ def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
 @common
 def validate(session: Session) -> int:
     """Applied migrations whose code changed or disappeared; runs nothing. Exit 6 if any."""
-    drift = session.run(
-        lambda db: commands.validate(db, session.migrations, collection=session.collection)
-    )
+    drift = session.run(lambda db: commands.validate(db, session.migrations, session.settings))
 
     def human() -> None:
         if not drift:
@@ -425,9 +422,7 @@ def validate(session: Session) -> int:
 @common
 def history(session: Session, limit: int) -> None:
     """Per-migration records, newest first."""
-    records = session.run(
-        lambda db: commands.history(db, collection=session.collection, limit=limit)
-    )
+    records = session.run(lambda db: commands.history(db, session.settings, limit=limit))
     session.emit(records, lambda: _print_history(session, records))
 
 
@@ -443,10 +438,21 @@ def new(session: Session, name: str) -> None:
     )
 
 
+def _plan(session: Session, target: Target) -> Plan:
+    settings = _settings_for(session, target=target)
+    return session.run(lambda db: commands.plan(db, session.migrations, settings))
+
+
+def _settings_for(session: Session, **options: Any) -> Settings:
+    try:
+        return session.settings.updated(**options)
+    except (TypeError, ValueError) as exc:
+        raise Failure(str(exc)) from None
+
+
 def _migrate(session: Session, **options: Any) -> None:
-    report: MigrationReport = session.run(
-        lambda db: migrate(db, session.migrations, collection=session.collection, **options)
-    )
+    settings = _settings_for(session, **options)
+    report: MigrationReport = session.run(lambda db: migrate_with(db, session.migrations, settings))
     data = {
         "from_version": report.from_version,
         "to_version": report.to_version,

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checksums import Drift, find_drift
-from .control import Control, ControlStore, Owner
-from .drivers import detect_driver, majority_collection, server_time
-from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
-from .history import History
+from .control import Control, Owner
+from .drivers import detect_driver
+from .errors import InvalidMigrations, InvalidTarget, MigrationError
+from .lock import ControlLock, Lease, describe_lock
 from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
-from .plan import Plan, Step, Target, latest_version, plan_for, resolve_target
+from .plan import Plan, Step, latest_version, plan_for, resolve_target
+from .settings import Settings
 
 State = Literal["up-to-date", "pending", "locked", "stuck", "ahead", "unsupported"]
 
@@ -35,17 +36,25 @@ class Lock:
     running: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
 
+    @classmethod
+    def seen(cls, control: Control, lease: Lease) -> Lock:
+        """The operator's view of ``control`` with its ``lease`` as judged now."""
+        if not control.locked:
+            return cls(locked=False)
+        return cls(
+            locked=True,
+            holder=control.owner or None,
+            since=control.locked_at,
+            heartbeat_age=lease.silent_for,
+            lease=lease.lease,
+            running=control.running,
+            failure=control.failure,
+        )
+
     @property
     def lease_expired(self) -> bool | None:
         """Whether a waiting replica would take this lock over (``None``: no lease)."""
-        if self.heartbeat_age is None or self.lease is None:
-            return None
-        return self.heartbeat_age > self.lease
-
-    @property
-    def live(self) -> bool:
-        """Held by a holder whose lease is still valid: not to be touched."""
-        return self.locked and self.failure is None and self.lease_expired is False
+        return Lease(self.heartbeat_age, self.lease).expired
 
 
 @dataclass(frozen=True)
@@ -87,23 +96,25 @@ class Status:
 
 @dataclass(frozen=True)
 class Unlocked:
-    """What ``unlock`` found and changed."""
+    """What ``unlock`` found and changed; ``was`` describes the lock it removed."""
 
     changed: bool
     before: Control
     lock: Lock
+    was: str
 
 
-async def status(db: Any, migrations: MigrationSource, *, collection: str = "migrations") -> Status:
+async def status(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Status:
     """Read-only: the control document, the plan to latest, and the lock's health."""
-    known, store = _prepare(db, migrations, collection)
-    control = await store.read()
-    lock = await _lock_of(db, control)
+    settings = settings or Settings()
+    known, lock = _prepare(db, migrations, settings)
+    control = await lock.read()
+    view = Lock.seen(control, await lock.lease_of(control))
     latest = latest_version(known)
     pending: tuple[Step, ...] = ()
     problem = None
     try:
-        floor, release = floor_in_force(migrations)
+        floor, release = floor_in_force(migrations, settings.floor, settings.floor_release)
         pending = plan_for(control, known, floor=floor, floor_release=release).steps
     except MigrationError as exc:
         problem = str(exc)
@@ -120,69 +131,42 @@ async def status(db: Any, migrations: MigrationSource, *, collection: str = "mig
         state = "pending"
     else:
         state = "up-to-date"
-    return Status(
-        store.name, control.exists, control.version, latest, pending, state, lock, problem
+    return Status(lock.name, control.exists, control.version, latest, pending, state, view, problem)
+
+
+async def plan(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Plan:
+    """What ``migrate()`` would run from here (to ``settings.target``), without a lock or a
+    write."""
+    settings = settings or Settings()
+    known, lock = _prepare(db, migrations, settings)
+    floor, release = floor_in_force(migrations, settings.floor, settings.floor_release)
+    return plan_for(
+        await lock.read(), known, target=settings.target, floor=floor, floor_release=release
     )
 
 
-async def plan(
-    db: Any,
-    migrations: MigrationSource,
-    *,
-    target: Target = "latest",
-    collection: str = "migrations",
-    floor: int | None = None,
-) -> Plan:
-    """What ``migrate()`` would run from here, without a lock or a write."""
-    known, store = _prepare(db, migrations, collection)
-    floor, release = floor_in_force(migrations, floor)
-    return plan_for(await store.read(), known, target=target, floor=floor, floor_release=release)
-
-
-async def unlock(db: Any, *, collection: str = "migrations", force: bool = False) -> Unlocked:
+async def unlock(db: Any, settings: Settings | None = None, *, force: bool = False) -> Unlocked:
     """Unlock a stuck or abandoned lock; refuse a live holder's unless ``force``.
 
     The next boot resumes at the version recorded, re-running the failed or interrupted
     migration. Recorded in history as a manual action.
     """
     detect_driver(db)
-    store = ControlStore(majority_collection(db, collection))
-    control = await store.read()
-    lock = await _lock_of(db, control)
-    if not control.locked:
-        return Unlocked(False, control, lock)
-    if lock.live and not force:
-        raise ControlLocked(
-            f"refusing to unlock: {control.holder()} is alive and holds the lock (heartbeat "
-            f"{lock.heartbeat_age:.1f} s ago, lease {lock.lease:g} s)"
-            f"{_running_text(lock.running)}. Wait for it to finish, or force the unlock "
-            "(--force) only if you know that process is gone.",
-            control=control.raw,
-        )
-    if not await store.unlock(control):
-        raise ControlLocked(
-            "the control document changed while unlocking (another process acted on it); "
-            "run status and try again",
-            control=control.raw,
-        )
-    failure = control.failure or {}
-    await _history(db, collection).record(
-        version=control.version,
-        name=str(failure.get("name") or ""),
-        direction=None,
-        outcome="manual",
-        action="unlock",
-        note=f"unlocked by an operator; was {describe_lock(control, lock)}",
+    done = await _lock(db, settings or Settings()).unlock(force=force)
+    return Unlocked(
+        done.changed,
+        done.before,
+        Lock.seen(done.before, done.lease),
+        describe_lock(done.before, done.lease),
     )
-    return Unlocked(True, control, lock)
 
 
 async def set_version(
     db: Any,
     version: int,
     migrations: MigrationSource | None = None,
+    settings: Settings | None = None,
     *,
-    collection: str = "migrations",
     force: bool = False,
 ) -> Control:
     """Record that the database is at ``version`` (the documented skip); returns the document
@@ -192,48 +176,27 @@ async def set_version(
         raise InvalidTarget(f"version must be a non-negative integer, got {version!r}")
     if migrations is not None:
         resolve_target(version, load_migrations(migrations))
-    store = ControlStore(majority_collection(db, collection))
-    control = await store.read()
-    lock = await _lock_of(db, control)
-    if lock.live and not force:
-        raise ControlLocked(
-            f"refusing to set the version: {control.holder()} is alive and running migrations"
-            f"{_running_text(lock.running)}. Wait for it, or use --force if it is gone.",
-            control=control.raw,
-        )
-    if not await store.set_version(control, version):
-        raise ControlLocked(
-            "the control document changed while setting the version (another process acted "
-            "on it); run status and try again",
-            control=control.raw,
-        )
-    await _history(db, collection).record(
-        version=version,
-        name="",
-        direction=None,
-        outcome="manual",
-        action="set-version",
-        note=f"version set by an operator from {control.version} to {version}",
-    )
-    return control
+    done = await _lock(db, settings or Settings()).set_version(version, force=force)
+    return done.before
 
 
 async def validate(
-    db: Any, migrations: MigrationSource, *, collection: str = "migrations"
+    db: Any, migrations: MigrationSource, settings: Settings | None = None
 ) -> list[Drift]:
     """Read-only: applied migrations whose code changed or disappeared since they ran."""
-    known, store = _prepare(db, migrations, collection)
-    control = await store.read()
-    return await find_drift(db[f"{collection}_history"], known, control.version)
+    known, lock = _prepare(db, migrations, settings or Settings())
+    control = await lock.read()
+    return await find_drift(lock.history.collection, known, control.version)
 
 
 async def history(
-    db: Any, *, collection: str = "migrations", limit: int = 20
+    db: Any, settings: Settings | None = None, *, limit: int = 20
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` history records, newest first."""
     detect_driver(db)
+    settings = settings or Settings()
     # ObjectIds from different processes do not order within a second; finish times do.
-    cursor = db[f"{collection}_history"].find(
+    cursor = db[settings.history_name].find(
         {}, {"_id": 0}, sort=[("finished_at", -1), ("_id", -1)], limit=limit
     )
     records: list[dict[str, Any]] = await cursor.to_list(None)
@@ -278,49 +241,22 @@ async def down(db, ctx):
 
 
 def _prepare(
-    db: Any, migrations: MigrationSource, collection: str
-) -> tuple[list[Migration], ControlStore]:
+    db: Any, migrations: MigrationSource, settings: Settings
+) -> tuple[list[Migration], ControlLock]:
     detect_driver(db)
-    return load_migrations(migrations), ControlStore(majority_collection(db, collection))
+    return load_migrations(migrations), _lock(db, settings)
 
 
-def _history(db: Any, collection: str) -> History:
-    return History(majority_collection(db, f"{collection}_history"), Owner.this_process(None, 0.0))
-
-
-async def _lock_of(db: Any, control: Control) -> Lock:
-    if not control.locked:
-        return Lock(locked=False)
-    age = None
-    if control.heartbeat is not None:
-        age = (await server_time(db) - control.heartbeat).total_seconds()
-    owner = control.owner or None
-    lease = float(owner["lease"]) if owner and owner.get("lease") else None
-    return Lock(
-        locked=True,
-        holder=owner,
-        since=control.locked_at,
-        heartbeat_age=age,
-        lease=lease,
-        running=control.running,
-        failure=control.failure,
+def _lock(db: Any, settings: Settings) -> ControlLock:
+    """The lock as an operator's process uses it: it never holds it, so its owner is only
+    named in the history records of what the operator did."""
+    return ControlLock(
+        db,
+        collection=settings.collection,
+        history=settings.history_name,
+        owner=Owner.this_process(settings.build, settings.lease),
+        waiting=settings.waiting,
     )
-
-
-def describe_lock(control: Control, lock: Lock) -> str:
-    """How a lock looked, in a few words, for what ``unlock`` reports it changed."""
-    if lock.failure:
-        kind = lock.failure.get("kind", "failed")
-        return f"stuck at version {control.version}: migration {lock.failure.get('version')} {kind}"
-    if lock.lease_expired:
-        return f"held by {control.holder()} whose lease had expired"
-    if lock.lease is None:
-        return f"locked at version {control.version} with no owner recorded"
-    return f"held by {control.holder()} (forced)"
-
-
-def _running_text(running: dict[str, Any] | None) -> str:
-    return f", running migration {running.get('version')}" if running else ""
 
 
 def _step_json(step: Step) -> dict[str, Any]:

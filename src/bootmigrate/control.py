@@ -1,4 +1,4 @@
-"""The control document: read it, acquire it, heartbeat, fence, release, stick.
+"""The control document's shape: parsing and validating it, and the values it holds.
 
 One document, ``{"_id": "control", "locked": false, "version": 19}``, as Rocket.Chat writes
 it, plus fields of our own while a lock is held:
@@ -11,7 +11,7 @@ it, plus fields of our own while a lock is held:
 - ``owner`` (host, pid, build, lease, id), ``locked_at``: who holds it, since when.
 - ``running``: the migration in progress; ``failure``: why the lock is stuck.
 
-Every function here is one round trip; the decisions are the runner's.
+What is done with it (acquire, heartbeat, take over, release...) is ``lock.py``'s.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
-
 from .drivers import as_naive_utc
-from .errors import InvalidControlDocument, LockLost
+from .errors import InvalidControlDocument
 
 CONTROL_ID = "control"
 HELD_FIELDS = ("owner", "locked_at", "heartbeat", "beats", "running", "failure")
@@ -86,7 +83,13 @@ class Control:
         """Locked after a failure or an interruption: only an operator unlocks it."""
         return self.locked and self.failure is not None
 
-    def holder(self) -> str:
+    @property
+    def recorded_lease(self) -> float | None:
+        """The lease its holder promised to beat within, if it recorded one."""
+        lease = (self.owner or {}).get("lease")
+        return float(lease) if lease else None
+
+    def describe_owner(self) -> str:
         """The lock holder, as an operator would want it named."""
         if not self.owner:
             return "an unknown process (a lock set by Rocket.Chat or by hand records no owner)"
@@ -101,8 +104,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
 
     def bad(problem: str, fix: str) -> InvalidControlDocument:
         return InvalidControlDocument(
-            f"the control document in collection {collection_name!r} is malformed: {problem} "
-            f"(document: {doc!r}). {fix}"
+            collection=collection_name, problem=problem, fix=fix, document=doc
         )
 
     locked = doc.get("locked")
@@ -163,215 +165,6 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
         failure=subdocs["failure"],
         raw=dict(doc),
     )
-
-
-class ControlStore:
-    """The control document's operations, each one atomic and one round trip."""
-
-    def __init__(self, coll: Any) -> None:
-        self._coll = coll
-        self.name: str = coll.name
-
-    @property
-    def collection(self) -> Any:
-        """The collection holding the control document (majority write concern)."""
-        return self._coll
-
-    async def read(self) -> Control:
-        return parse_control(await self._coll.find_one({"_id": CONTROL_ID}), self.name)
-
-    async def create(self, *, version: int, owner: Owner | None) -> Control | None:
-        """Create the missing document, locked by ``owner`` if given.
-
-        An upsert whose filter no existing control document can match (every one has a
-        ``version``), so it either inserts or fails with a duplicate key: ``None`` then
-        means another replica created the document first.
-        """
-        update: dict[str, Any] = {"$set": {"locked": owner is not None, "version": version}}
-        if owner is not None:
-            update["$set"].update(token=1, beats=0, owner=owner.as_document())
-            update["$currentDate"] = {"heartbeat": True, "locked_at": True}
-        try:
-            doc = await self._coll.find_one_and_update(
-                {"_id": CONTROL_ID, "version": {"$exists": False}},
-                update,
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:
-            return None
-        return parse_control(doc, self.name)
-
-    async def acquire(self, seen: Control, owner: Owner) -> Control | None:
-        """Take a free lock at the version we planned from; ``None`` if we lost the race."""
-        return await self._swap(
-            {"_id": CONTROL_ID, "locked": False, "version": seen.version},
-            owner,
-            {"$unset": {"failure": "", "running": ""}},
-        )
-
-    async def take_over(self, seen: Control, owner: Owner) -> Control | None:
-        """Take a dead holder's lock, only if it has not beaten since ``seen``.
-
-        ``running`` is kept: should this taker die too, the next one still knows which
-        migration was interrupted.
-        """
-        return await self._swap(
-            {
-                "_id": CONTROL_ID,
-                "locked": True,
-                "token": seen.token,
-                "beats": seen.beats,
-                "failure": None,
-            },
-            owner,
-            {},
-        )
-
-    async def retry_failed(self, seen: Control, owner: Owner) -> Control | None:
-        """Take a lock stuck by a failure, only if it is still exactly as ``seen``."""
-        return await self._swap(
-            {
-                "_id": CONTROL_ID,
-                "locked": True,
-                "token": seen.token,
-                "failure.kind": "failed",
-                "failure.build": (seen.failure or {}).get("build"),
-            },
-            owner,
-            {"$unset": {"failure": "", "running": ""}},
-        )
-
-    async def _swap(
-        self, condition: dict[str, Any], owner: Owner, extra: dict[str, Any]
-    ) -> Control | None:
-        update: dict[str, Any] = {
-            "$set": {"locked": True, "owner": owner.as_document(), "beats": 0},
-            "$inc": {"token": 1},
-            "$currentDate": {"heartbeat": True, "locked_at": True},
-            **extra,
-        }
-        try:
-            doc = await self._coll.find_one_and_update(
-                condition, update, return_document=ReturnDocument.AFTER
-            )
-        except DuplicateKeyError:
-            return None
-        return None if doc is None else parse_control(doc, self.name)
-
-    async def mark_interrupted(self, seen: Control, failure: dict[str, Any]) -> bool:
-        """Stick a dead holder's lock whose migration cannot be re-run; CAS like take_over."""
-        result = await self._coll.update_one(
-            {
-                "_id": CONTROL_ID,
-                "locked": True,
-                "token": seen.token,
-                "beats": seen.beats,
-                "failure": None,
-            },
-            {
-                "$set": {"failure": failure},
-                "$inc": {"token": 1},
-                "$unset": {"heartbeat": "", "owner": "", "running": ""},
-            },
-        )
-        return bool(result.modified_count)
-
-    async def unlock(self, seen: Control) -> bool:
-        """An operator's unlock, only if nothing changed since ``seen``."""
-        result = await self._coll.update_one(
-            _unchanged(seen),
-            {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}},
-        )
-        return bool(result.modified_count)
-
-    async def set_version(self, seen: Control, version: int) -> bool:
-        """An operator's version change (a skip), only if nothing changed since ``seen``."""
-        if not seen.exists:
-            return await self.create(version=version, owner=None) is not None
-        result = await self._coll.update_one(_unchanged(seen), {"$set": {"version": version}})
-        return bool(result.matched_count)
-
-    async def heartbeat(self, token: int) -> bool:
-        """Refresh the lease on the server's clock; ``False`` once the lock is no longer ours."""
-        result = await self._coll.update_one(
-            {"_id": CONTROL_ID, "locked": True, "token": token},
-            {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}},
-        )
-        return bool(result.matched_count)
-
-    async def start(self, token: int, running: dict[str, Any]) -> None:
-        """Name the migration about to run. Its own write, so that a taker can tell a holder
-        that died inside a migration from one that died between two."""
-        await self._fenced(token, {"$set": {"running": running}})
-
-    async def progress(self, token: int, done: int, total: int) -> None:
-        """Record how far the running migration has got (shown by ``status``)."""
-        await self._fenced(
-            token,
-            {
-                "$set": {"running.progress.done": done, "running.progress.total": total},
-                "$currentDate": {"running.progress.at": True},
-            },
-        )
-
-    async def advance(self, token: int, version: int, session: Any = None) -> None:
-        """Record a finished migration: the version reached, and no migration running. Given
-        a session, the write joins its transaction (and fences it: a stale holder's
-        transaction matches nothing, and aborts)."""
-        await self._fenced(
-            token,
-            {
-                "$set": {"version": version},
-                "$unset": {"running": ""},
-                "$inc": {"beats": 1},
-                "$currentDate": {"heartbeat": True},
-            },
-            session,
-        )
-
-    async def release(self, token: int) -> None:
-        """Unlock at the version reached; keep ``token`` so it keeps increasing."""
-        await self._fenced(
-            token,
-            {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}},
-        )
-
-    async def stick(self, token: int, failure: dict[str, Any]) -> None:
-        """Leave the lock held on purpose with the failure recorded, for an operator."""
-        await self._fenced(
-            token,
-            {"$set": {"failure": failure}, "$unset": {"heartbeat": "", "owner": "", "running": ""}},
-        )
-
-    async def _fenced(self, token: int, update: dict[str, Any], session: Any = None) -> Control:
-        doc = await self._coll.find_one_and_update(
-            {"_id": CONTROL_ID, "locked": True, "token": token},
-            update,
-            return_document=ReturnDocument.AFTER,
-            session=session,
-        )
-        if doc is None:
-            raise LockLost(
-                f"this process lost the migration lock (token {token}) in collection "
-                f"{self.name!r}: another process took it over, presumably because this one "
-                "missed its heartbeats for longer than the lease (paused, overloaded, or cut "
-                "off from the server). It stopped and changed nothing more; check the control "
-                "document and history to see what the new holder did."
-            )
-        return parse_control(doc, self.name)
-
-
-def _unchanged(seen: Control) -> dict[str, Any]:
-    """A filter that matches the control document only as it was when read."""
-    return {
-        "_id": CONTROL_ID,
-        "locked": seen.locked,
-        "version": seen.version,
-        # None matches a missing field too, as in a document written by Rocket.Chat.
-        "token": seen.raw.get("token"),
-        "beats": seen.raw.get("beats"),
-    }
 
 
 def utc_now() -> datetime:

@@ -1,10 +1,35 @@
-"""The error family: every failure ``migrate()`` raises is a :class:`MigrationError`.
+"""The error family: every failure ``migrate()`` raises on purpose is a :class:`MigrationError`.
 
-Each message says what happened, where, at which version, and the command that fixes it,
-because the person reading it is usually an operator looking at a pod that will not boot.
+Each error is built from fields (the version, the migration's name, the holder, the action) and
+writes its own message from them, once, here: what happened, where, at which version, and the
+command that fixes it, because the person reading it is usually an operator looking at a pod
+that will not boot. Callers can read the fields instead of parsing the text.
+
+What ``migrate()`` can raise:
+
+- :class:`MigrationFailed`: a migration this call ran raised (or timed out); lock left stuck.
+- :class:`ControlLocked`: the lock is stuck after an earlier failure or interruption, or
+  another process still held it when ``wait_timeout`` ran out.
+- :class:`LockLost`: this call held the lock and lost it (it stopped, writing nothing more).
+- :class:`UnsupportedUpgrade`: the database is older than this build upgrades from.
+- :class:`DatabaseAhead`: the database is newer than this build, and that was refused.
+- :class:`InvalidMigrations`: bad migration files or objects; nothing was written.
+- :class:`InvalidControlDocument`: the control document has a shape it will not guess about.
+- :class:`InvalidTarget`: the target or rerun version cannot be reached (also a ``ValueError``).
+- :class:`DatabaseUnavailable`: the server could not be reached in time.
+
+Options of the wrong type or value raise ``TypeError``/``ValueError`` before anything runs.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .control import Control
+
+LockedReason = Literal["stuck", "wait_timeout", "holder_alive", "changed", "lost"]
 
 
 class MigrationError(Exception):
@@ -14,32 +39,194 @@ class MigrationError(Exception):
 class MigrationFailed(MigrationError):
     """A migration run by this call raised; the control lock is left stuck on purpose."""
 
-    def __init__(self, message: str, *, version: int) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        *,
+        version: int,
+        name: str,
+        direction: str,
+        host: str,
+        pid: int,
+        collection: str,
+        db_version: int,
+        error: str,
+    ) -> None:
         self.version = version
+        self.name = name
+        self.direction = direction
+        self.host = host
+        self.pid = pid
+        self.collection = collection
+        self.db_version = db_version
+        self.error = error
+        label = f"{version:04d} {name}".rstrip()
+        super().__init__(
+            f"migration {label} ({direction}) failed on {host} (pid {pid}): {error}. The lock "
+            f"in collection {collection!r} is left held on purpose, database at version "
+            f"{db_version}. Fix the migration, then run `bootmigrate unlock`; the next boot "
+            f"resumes at migration {version}."
+        )
 
 
 class ControlLocked(MigrationError):
-    """The lock is stuck after an earlier failure, or still held when the wait ran out."""
+    """The lock is stuck after an earlier failure, or still held when the wait ran out.
 
-    def __init__(self, message: str, *, control: dict[str, object] | None = None) -> None:
-        super().__init__(message)
-        self.control = control
+    ``reason`` says which: ``"stuck"`` (a failure or interruption is recorded),
+    ``"wait_timeout"`` (a live holder outlasted ``wait_timeout``), ``"holder_alive"`` (an
+    operator action refused while a live holder runs), ``"changed"`` (the document changed
+    under an operator action), ``"lost"`` (:class:`LockLost`). ``control`` is the control
+    document as read.
+    """
+
+    def __init__(
+        self,
+        reason: LockedReason,
+        control: Control,
+        *,
+        collection: str,
+        action: str = "",
+        wait_timeout: float | None = None,
+        heartbeat_age: float | None = None,
+        lease: float | None = None,
+    ) -> None:
+        self.reason = reason
+        self.control: dict[str, Any] | None = control.raw
+        self.collection = collection
+        self.db_version = control.version
+        self.holder = control.describe_owner()
+        self.failure = control.failure
+        self.running = control.running
+        self.action = action
+        self.wait_timeout = wait_timeout
+        self.heartbeat_age = heartbeat_age
+        self.lease = lease
+        self.locked_since = control.locked_at
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        running = self.running or {}
+        doing = f", running migration {running.get('version')}" if running else ""
+        if self.reason == "stuck":
+            return self._stuck_message()
+        if self.reason == "wait_timeout":
+            since = f" since {_utc(self.locked_since)}" if self.locked_since else ""
+            return (
+                f"gave up after {self.wait_timeout or 0:g} s (wait_timeout): the migration lock in "
+                f"collection {self.collection!r} is held by {self.holder}{since}{doing}, "
+                f"database at version {self.db_version}. If that process is alive, wait for it "
+                "or raise wait_timeout; if it is not, and it records no lease, unlock with "
+                "`bootmigrate unlock`."
+            )
+        if self.reason == "holder_alive":
+            beat = (
+                f" (heartbeat {self.heartbeat_age:.1f} s ago, lease {self.lease:g} s)"
+                if self.heartbeat_age is not None and self.lease is not None
+                else ""
+            )
+            return (
+                f"refusing to {self.action}: {self.holder} is alive and holds the lock{beat}"
+                f"{doing}. Wait for it to finish, or use --force only if you know that process "
+                "is gone."
+            )
+        return (
+            f"the control document changed while trying to {self.action} (another process "
+            "acted on it); run status and try again"
+        )
+
+    def _stuck_message(self) -> str:
+        failure = self.failure or {}
+        version = failure.get("version")
+        where = failure.get("host") or "an unknown host"
+        if failure.get("pid"):
+            where += f" (pid {failure['pid']})"
+        what = "was interrupted" if failure.get("kind") == "interrupted" else "failed"
+        return (
+            f"migration {version} {failure.get('name') or ''} {what} on {where} at "
+            f"{failure.get('at')}: {failure.get('error')}. The lock in collection "
+            f"{self.collection!r} is held on purpose so that no replica boots on a "
+            f"half-migrated database (at version {self.db_version}). Fix the cause, then "
+            f"unlock: `bootmigrate unlock`, or db.{self.collection}.updateOne("
+            '{_id: "control"}, {$set: {locked: false}}); '
+            f"the next boot resumes at migration {version}."
+        )
 
 
 class LockLost(ControlLocked):
-    """This call held the lock but another process took it over (this one was presumed dead).
+    """This call held the lock but another process may have taken it over (this one was
+    presumed dead). The holder stops at once and writes nothing more to the control document.
 
-    The holder stops at once and writes nothing more to the control document.
+    ``token`` is the acquisition it held; ``during`` what it was doing when it found out.
     """
+
+    def __init__(self, *, token: int, collection: str, lease: float, during: str) -> None:
+        # Not ControlLocked.__init__: there is no control document reading to describe.
+        MigrationError.__init__(
+            self,
+            f"this process lost the migration lock (token {token}) in collection "
+            f"{collection!r} {during}: another process may have taken it over, because this "
+            f"one missed its heartbeats for longer than its lease ({lease:g} s): paused, "
+            "overloaded, or cut off from the server. It stopped and wrote nothing more; check "
+            "the control document and history to see what the new holder did.",
+        )
+        self.reason: LockedReason = "lost"
+        self.control = None
+        self.collection = collection
+        self.failure = self.running = None
+        self.token = token
+        self.lease = lease
+        self.during = during
 
 
 class UnsupportedUpgrade(MigrationError):
     """The database is older than the oldest version this build can upgrade from."""
 
+    def __init__(self, *, db_version: int, floor: int, known: str, release: str | None) -> None:
+        self.db_version = db_version
+        self.floor = floor
+        self.release = release
+        through = (
+            f"release {release}"
+            if release
+            else f"a release that has the migrations after {db_version} up to {floor}"
+        )
+        super().__init__(
+            f"the database is at version {db_version}, older than version {floor}, the oldest "
+            f"this build upgrades from (its migrations: {known}). Upgrade through {through} "
+            "first; if those migrations were applied another way, record that with "
+            f"`bootmigrate set-version {floor}`."
+        )
+
 
 class DatabaseAhead(MigrationError):
-    """The database is newer than this build's latest migration, and that was refused."""
+    """The database is newer than this build's latest migration, and that was refused.
+
+    ``wanted`` is the lower target asked for, or ``None`` when booting (``on_ahead="error"``).
+    """
+
+    def __init__(self, *, db_version: int, latest: int, wanted: int | None) -> None:
+        self.db_version = db_version
+        self.latest = latest
+        self.wanted = wanted
+        if wanted is None:
+            message = (
+                f"the database is at version {db_version}, {ahead_text(latest)} Refused "
+                "because on_ahead='error'."
+            )
+        else:
+            message = (
+                f"the database is at version {db_version}, newer than this build's latest "
+                f"migration ({latest}); it cannot migrate down through versions it does not "
+                "know. Run the down migration from a build that has them."
+            )
+        super().__init__(message)
+
+
+def ahead_text(latest: int) -> str:
+    """The common part of the database-ahead warning and error."""
+    return (
+        f"ahead of this build's latest migration ({latest}): an older build booting during a "
+        "rollout? Not migrating down."
+    )
 
 
 class InvalidMigrations(MigrationError):
@@ -49,10 +236,48 @@ class InvalidMigrations(MigrationError):
 class InvalidControlDocument(MigrationError):
     """The control document has a shape bootmigrate will not guess about."""
 
+    def __init__(
+        self, *, collection: str, problem: str, fix: str, document: dict[str, Any]
+    ) -> None:
+        self.collection = collection
+        self.problem = problem
+        self.document = document
+        super().__init__(
+            f"the control document in collection {collection!r} is malformed: {problem} "
+            f"(document: {document!r}). {fix}"
+        )
+
 
 class DatabaseUnavailable(MigrationError):
-    """The server could not be reached before the deadline."""
+    """The server could not be reached before the deadline.
+
+    ``holding`` says whether this process held the lock when it lost contact.
+    """
+
+    def __init__(self, *, address: str, seconds: float, cause: str, holding: bool) -> None:
+        self.address = address
+        self.seconds = seconds
+        self.cause = cause
+        self.holding = holding
+        if holding:
+            message = (
+                f"lost contact with MongoDB at {address} for over {seconds:g} s (the lease) "
+                f"while holding the migration lock: {cause}. The lock will expire; the next "
+                "process to boot decides from the control document whether the interrupted "
+                "migration may be re-run."
+            )
+        else:
+            message = (
+                f"could not reach MongoDB at {address} within {seconds:g} s (wait_timeout): "
+                f"{cause}. Check that the server is up and the connection string is right; "
+                "migrations were not run."
+            )
+        super().__init__(message)
 
 
 class InvalidTarget(MigrationError, ValueError):
     """The requested target or rerun version cannot be reached from here."""
+
+
+def _utc(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"

@@ -1,15 +1,17 @@
-"""The history collection: one record per migration run, kept apart from the control document."""
+"""The history collection: one record per migration run or operator action, kept apart from
+the control document."""
 
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from .control import Owner, utc_now
+from .plan import Direction
 
 Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
-Direction = Literal["up", "down", "rerun"]
 
 # Enough of a traceback to find the failing line without bloating the control document.
 TRACEBACK_TAIL_CHARS = 2000
@@ -21,6 +23,24 @@ def error_fields(exc: BaseException) -> dict[str, str]:
     return {"error": f"{type(exc).__name__}: {exc}", "traceback": text[-TRACEBACK_TAIL_CHARS:]}
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What one history record says: a migration's run (``direction`` set) or an operator's
+    or the lock's own action (``action`` set, ``outcome="manual"``)."""
+
+    version: int
+    name: str
+    outcome: Outcome
+    direction: Direction | None = None
+    action: str | None = None
+    started_at: datetime | None = None
+    duration: float | None = None
+    token: int | None = None
+    error: BaseException | None = None
+    note: str | None = None
+    checksum: str | None = None
+
+
 class History:
     """Append-only records of what ran, where and how it ended."""
 
@@ -28,43 +48,35 @@ class History:
         self._coll = coll
         self._owner = owner
 
-    async def record(
-        self,
-        *,
-        version: int,
-        name: str,
-        direction: Direction | None,
-        outcome: Outcome,
-        action: str | None = None,
-        started_at: datetime | None = None,
-        duration: float | None = None,
-        token: int | None = None,
-        error: BaseException | None = None,
-        note: str | None = None,
-        checksum: str | None = None,
-        session: Any = None,
-    ) -> None:
+    @property
+    def collection(self) -> Any:
+        """The history collection (majority write concern)."""
+        return self._coll
+
+    async def record(self, entry: Entry, session: Any = None) -> None:
+        """Insert one record, stamped with this process and the time; inside the transaction
+        of ``session`` when one is given."""
         finished_at = utc_now()
         doc: dict[str, Any] = {
-            "version": version,
-            "name": name,
-            "direction": direction,
-            "outcome": outcome,
-            "started_at": started_at or finished_at,
+            "version": entry.version,
+            "name": entry.name,
+            "direction": entry.direction,
+            "outcome": entry.outcome,
+            "started_at": entry.started_at or finished_at,
             "finished_at": finished_at,
-            "duration_s": duration,
+            "duration_s": entry.duration,
             "host": self._owner.host,
             "pid": self._owner.pid,
             "build": self._owner.build,
-            "token": token,
+            "token": entry.token,
             "error": None,
         }
-        if error is not None:
-            doc.update(error_fields(error))
-        if checksum:
-            doc["checksum"] = checksum
-        if action:
-            doc["action"] = action
-        if note:
-            doc["note"] = note
+        if entry.error is not None:
+            doc.update(error_fields(entry.error))
+        if entry.checksum:
+            doc["checksum"] = entry.checksum
+        if entry.action:
+            doc["action"] = entry.action
+        if entry.note:
+            doc["note"] = entry.note
         await self._coll.insert_one(doc, session=session)

@@ -61,6 +61,12 @@ class Migration:
         # Checked once, here, so that loading the same set again costs nothing.
         object.__setattr__(self, "_arities", _check_migration(self))
 
+    @property
+    def safe_to_repeat(self) -> bool:
+        """Whether ``up`` may run again after an interruption: declared idempotent, or run in
+        a transaction (which the interruption aborted, leaving nothing behind)."""
+        return self.idempotent or self.transactional
+
     def wants_context(self, direction: str) -> bool:
         """Whether the step for ``direction`` takes ``ctx`` as its second parameter."""
         return self._arities["down" if direction == "down" else "up"] == 2

@@ -7,19 +7,46 @@ from typing import Any, Literal
 
 from .control import Control
 from .errors import DatabaseAhead, InvalidMigrations, InvalidTarget, UnsupportedUpgrade
-from .migrations import Migration
+from .migrations import Migration, MigrationStep
 
 Target = int | Literal["latest"]
+#: How a step runs its migration: forward, backward, or forward again in place.
 Direction = Literal["up", "down", "rerun"]
 
 
 @dataclass(frozen=True)
 class Step:
-    """One migration to run in one direction, and the version recorded once it is done."""
+    """One migration to run in one direction, and the versions before and after it.
+
+    ``rerun`` runs ``up`` again and leaves the version where it was; ``down`` reverts.
+    """
 
     migration: Migration
     direction: Direction
+    version_before: int
     version_after: int
+
+    @property
+    def reverts(self) -> bool:
+        """Whether this step undoes its migration (``down``)."""
+        return self.direction == "down"
+
+    @property
+    def function(self) -> MigrationStep:
+        """The migration's ``up`` or ``down``, whichever this step runs."""
+        function = self.migration.down if self.reverts else self.migration.up
+        assert function is not None  # the planner refuses a down step without `down`
+        return function
+
+    @property
+    def wants_context(self) -> bool:
+        """Whether the step's function takes ``ctx`` as its second parameter."""
+        return self.migration.wants_context(self.direction)
+
+    @property
+    def checksum(self) -> str | None:
+        """The code's checksum, recorded when the step applies that code (not on ``down``)."""
+        return None if self.reverts else self.migration.checksum
 
     def running(self) -> dict[str, Any]:
         """How the control document names this step while it runs."""
@@ -73,26 +100,18 @@ def make_plan(
     if version > latest:
         if target == "latest":
             return Plan(version, version, (), ahead=True)
-        raise DatabaseAhead(
-            f"the database is at version {version}, newer than this build's latest migration "
-            f"({latest}); it cannot migrate down through versions it does not know. Run the "
-            "down migration from a build that has them."
-        )
+        raise DatabaseAhead(db_version=version, latest=latest, wanted=wanted)
     if version < wanted:
         lowest = default_floor(known) if floor is None else floor
         if not fresh and version < lowest:
-            through = (
-                f"release {floor_release}"
-                if floor_release
-                else f"a release that has the migrations after {version} up to {lowest}"
-            )
             raise UnsupportedUpgrade(
-                f"the database is at version {version}, older than version {lowest}, the "
-                f"oldest this build upgrades from (its migrations: {_span(known)}). Upgrade "
-                f"through {through} first; if those migrations were applied another way, "
-                f"record that with `bootmigrate set-version {lowest}`."
+                db_version=version, floor=lowest, known=_span(known), release=floor_release
             )
-        steps = tuple(Step(m, "up", m.version) for m in known if version < m.version <= wanted)
+        ups = [m for m in known if version < m.version <= wanted]
+        befores = [version] + [m.version for m in ups[:-1]]
+        steps = tuple(
+            Step(m, "up", before, m.version) for m, before in zip(ups, befores, strict=True)
+        )
         return Plan(version, wanted, steps)
     if version > wanted:
         lowest = default_floor(known) if floor is None else floor
@@ -108,8 +127,12 @@ def make_plan(
                 f"cannot migrate down from {version} to {wanted}: no `down` in "
                 f"{', '.join(missing)}; add `async def down(db)` to each, or pick a higher target"
             )
+        befores = [version] + [m.version for m in undo[1:]]
         afters = [m.version for m in undo[1:]] + [wanted]
-        steps = tuple(Step(m, "down", after) for m, after in zip(undo, afters, strict=True))
+        steps = tuple(
+            Step(m, "down", before, after)
+            for m, before, after in zip(undo, befores, afters, strict=True)
+        )
         return Plan(version, wanted, steps)
     return Plan(version, version, ())
 
@@ -128,7 +151,7 @@ def make_rerun_plan(version: int, known: list[Migration], rerun: int) -> Plan:
             f"cannot rerun version {rerun}: the database is at version {version}, so it has "
             "not been applied yet; migrate up instead"
         )
-    return Plan(version, version, (Step(found[0], "rerun", version),))
+    return Plan(version, version, (Step(found[0], "rerun", version, version),))
 
 
 def plan_for(

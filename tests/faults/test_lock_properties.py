@@ -13,9 +13,11 @@ import anyio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bootmigrate.control import Control, ControlStore, Owner
-from bootmigrate.drivers import majority_collection, server_time
+from bootmigrate.control import Control, Owner
+from bootmigrate.drivers import server_time
 from bootmigrate.errors import LockLost
+from bootmigrate.lock import ControlLock, HeldLock
+from bootmigrate.waiting import Deadline, WaitPolicy
 from tests.faults.conftest import record, scale
 from tests.support import close_client, make_client
 
@@ -26,8 +28,12 @@ OPERATIONS = ["acquire", "heartbeat", "advance", "release", "crash", "stall", "t
 
 @dataclass
 class Actor:
-    owner: Owner
-    token: int | None = None  # the lock it believes it holds
+    lock: ControlLock
+    held: HeldLock | None = None  # the lock it believes it holds
+
+    @property
+    def token(self) -> int | None:
+        return self.held.token if self.held is not None else None
 
 
 @dataclass
@@ -47,13 +53,15 @@ class Model:
 async def run(uri: str, driver: str, steps: list[tuple[int, str]]) -> Model:
     client = make_client(driver, uri)
     db = client[f"prop_{uuid.uuid4().hex[:10]}"]
-    store = ControlStore(majority_collection(db, "migrations"))
-    actors = [Actor(Owner(f"host{i}", 1000 + i, None, LEASE, f"id{i}")) for i in range(ACTORS)]
+    actors = [
+        Actor(lock_for(db, Owner(f"host{i}", 1000 + i, None, LEASE, f"id{i}")))
+        for i in range(ACTORS)
+    ]
     model = Model()
     try:
         for index, operation in steps:
-            await step(db, store, actors[index], operation, model)
-            control = await store.read()
+            await step(db, actors[index], operation, model)
+            control = await actors[0].lock.read()
             assert control.version == model.version
             holders = [a for a in actors if a.token is not None and a.token == control.token]
             assert len(holders) <= (1 if control.locked else 0)
@@ -63,52 +71,52 @@ async def run(uri: str, driver: str, steps: list[tuple[int, str]]) -> Model:
     return model
 
 
-async def step(db: Any, store: ControlStore, actor: Actor, operation: str, model: Model) -> None:
-    seen = await store.read()
+def lock_for(db: Any, owner: Owner) -> ControlLock:
+    return ControlLock(
+        db, collection="migrations", history="migrations_history", owner=owner, waiting=WaitPolicy()
+    )
+
+
+async def step(db: Any, actor: Actor, operation: str, model: Model) -> None:
+    seen = await actor.lock.read()
     if operation == "acquire" and not seen.locked:
-        held = await (
-            store.acquire(seen, actor.owner)
-            if seen.exists
-            else store.create(version=0, owner=actor.owner)
-        )
+        held = await actor.lock.acquire(seen)
         if held is not None:
-            actor.token = held.token
+            actor.held = held
             model.wrote(held.token)
     elif operation == "take_over" and seen.locked and await expired(db, seen):
-        held = await store.take_over(seen, actor.owner)
+        held = await actor.lock.take_over(seen, {}, Deadline.after(30))
         if held is not None:
-            actor.token = held.token
+            actor.held = held
             model.wrote(held.token)
     elif operation == "crash":
-        actor.token = None  # the process dies; its lock stays behind
+        actor.held = None  # the process dies; its lock stays behind
     elif operation == "stall" and seen.locked:
         # Time passes with no heartbeat: the holder is paused or dead.
         stale = await server_time(db) - timedelta(seconds=2 * LEASE)
         await db.migrations.update_one({"_id": "control"}, {"$set": {"heartbeat": stale}})
-    elif actor.token is not None and operation in ("heartbeat", "advance", "release"):
-        await holder_write(store, actor, operation, seen, model)
+    elif actor.held is not None and operation in ("heartbeat", "advance", "release"):
+        await holder_write(actor, operation, seen, model)
 
 
-async def holder_write(
-    store: ControlStore, actor: Actor, operation: str, seen: Control, model: Model
-) -> None:
-    assert actor.token is not None
-    token = actor.token
+async def holder_write(actor: Actor, operation: str, seen: Control, model: Model) -> None:
+    held = actor.held
+    assert held is not None
     try:
         if operation == "heartbeat":
-            if not await store.heartbeat(token):
-                raise LockLost("fenced")
+            if not await held.heartbeat():
+                raise held.lost_error("at a heartbeat")
         elif operation == "advance":
-            await store.advance(token, seen.version + 1)
+            await held.advance(seen.version + 1)
             model.version = seen.version + 1  # a migration completed under the lock
         else:
-            await store.release(token)
-            actor.token = None
-        model.wrote(token)
+            await held.release()
+            actor.held = None
+        model.wrote(held.token)
     except LockLost:
-        assert seen.token != token or not seen.locked  # refused only when no longer ours
+        assert seen.token != held.token or not seen.locked  # refused only when no longer ours
         model.fenced += 1
-        actor.token = None
+        actor.held = None
 
 
 async def expired(db: Any, seen: Control) -> bool:

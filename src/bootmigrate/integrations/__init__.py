@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..drivers import is_async_database
+from ..settings import Settings
 
 DatabaseOrFactory = Any  # a motor/PyMongo async database, or a callable(app) returning one
 
@@ -17,3 +18,10 @@ def resolve_database(db: DatabaseOrFactory, app: Any) -> Any:
         return db
     factory: Callable[[Any], Any] = db
     return factory(app)
+
+
+def settings_of(settings: Settings | None, options: dict[str, Any]) -> Settings:
+    """``settings`` (default: the defaults) with ``options`` (``migrate()``'s keywords) on
+    top, checked now, when the app is built, so that a misspelt or bad option fails there
+    rather than at boot."""
+    return (settings or Settings()).updated(**options)

@@ -1,0 +1,293 @@
+"""The apply loop: run the planned steps under a held lock, record each one, and on failure or
+cancellation leave the control document saying exactly what happened.
+
+The lock's own rules (heartbeat, fencing, retried and refused writes) are ``lock.py``'s; this
+module decides only what to write after each step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from .context import MigrationContext
+from .control import Owner, failure_record, utc_now
+from .drivers import transaction
+from .errors import LockLost, MigrationFailed
+from .history import Entry, Outcome, error_fields
+from .lock import HeldLock
+from .plan import Plan, Step
+from .report import MigrationReport, log_fields
+
+log = logging.getLogger("bootmigrate")
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One step's run: when it started, on the wall clock for people and on the monotonic
+    clock for its duration."""
+
+    step: Step
+    started_at: datetime
+    started: float
+
+    @classmethod
+    def begin(cls, step: Step) -> StepRun:
+        """A run of ``step`` starting now."""
+        return cls(step, utc_now(), time.monotonic())
+
+    def duration(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    def entry(self, outcome: Outcome, token: int, **details: Any) -> Entry:
+        """The history record of this run ending with ``outcome``."""
+        migration = self.step.migration
+        return Entry(
+            version=migration.version,
+            name=migration.name,
+            outcome=outcome,
+            direction=self.step.direction,
+            started_at=self.started_at,
+            duration=self.duration(),
+            token=token,
+            **details,
+        )
+
+
+@dataclass
+class _Progress:
+    """Where the loop is: the version reached, what ran, and whether a step is running."""
+
+    version: int
+    applied: list[int] = field(default_factory=list)
+    reverted: list[int] = field(default_factory=list)
+    inside: bool = False
+
+    def done(self, step: Step) -> None:
+        self.version = step.version_after
+        (self.reverted if step.reverts else self.applied).append(step.migration.version)
+
+
+class Applier:
+    """Runs one plan under one held lock, for the length of one ``migrate()`` call."""
+
+    def __init__(
+        self, db: Any, held: HeldLock, owner: Owner, migration_timeout: float | None
+    ) -> None:
+        self.db = db
+        self.held = held
+        self.owner = owner
+        self.migration_timeout = migration_timeout
+
+    async def apply(self, plan: Plan, waited: float) -> MigrationReport:
+        """Run ``plan`` with the heartbeat going all along; release at the end."""
+        held = self.held
+        state = _Progress(version=held.control.version)
+        error: Exception | None = None
+        log.info(
+            "took the migration lock (token %d): %d migration(s) to run, version %d -> %d",
+            held.token,
+            len(plan.steps),
+            plan.from_version,
+            plan.to_version,
+            extra=log_fields(
+                "lock_taken",
+                token=held.token,
+                db_version=plan.from_version,
+                target_version=plan.to_version,
+                waited_s=waited,
+            ),
+        )
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(held.keep_alive, tasks.cancel_scope.cancel)
+            try:
+                await self._run_steps(plan, state)
+            except Exception as exc:  # re-raised below, outside the task group
+                error = exc
+            tasks.cancel_scope.cancel()
+        if held.lost:
+            raise held.lost_error("while running migrations") from error
+        if error is not None:
+            raise error
+        log.info(
+            "migrations done: database at version %d",
+            state.version,
+            extra=log_fields(
+                "migrations_done",
+                db_version=state.version,
+                applied=state.applied,
+                reverted=state.reverted,
+            ),
+        )
+        return MigrationReport(
+            from_version=plan.from_version,
+            to_version=state.version,
+            applied=state.applied,
+            reverted=state.reverted,
+            waited=waited,
+            holder=True,
+        )
+
+    async def _run_steps(self, plan: Plan, state: _Progress) -> None:
+        try:
+            for step in plan.steps:
+                await self.held.start(step.running())
+                await anyio.lowlevel.checkpoint()  # a cancellation here is still "between"
+                await self._run_step(step, state)
+            await self.held.release()
+        except anyio.get_cancelled_exc_class():
+            if not self.held.lost and not state.inside:
+                log.warning(
+                    "cancelled between migrations: releasing the lock at version %d", state.version
+                )
+                await self.held.release()
+            raise
+
+    async def _run_step(self, step: Step, state: _Progress) -> None:
+        migration = step.migration
+        run = StepRun.begin(step)
+        log.debug("running migration %s (%s)", migration.label(), step.direction)
+        state.inside = True  # stays set if the step is cancelled: it is then handled here
+        try:
+            if migration.transactional:
+                await self._run_in_transaction(run)
+            else:
+                await self._call(step)
+        except anyio.get_cancelled_exc_class():
+            if not self.held.lost:
+                await self._record_interruption(run)
+            raise
+        except LockLost:
+            raise  # fenced inside the transaction: it was aborted, nothing was committed
+        except Exception as exc:
+            await self._record_failure(run, exc)
+            raise MigrationFailed(
+                version=migration.version,
+                name=migration.name,
+                direction=step.direction,
+                host=self.owner.host,
+                pid=self.owner.pid,
+                collection=self.held.collection,
+                db_version=step.version_before,
+                error=f"{type(exc).__name__}: {exc}",
+            ) from exc
+        state.inside = False
+        duration = run.duration()
+        if not migration.transactional:  # a transaction committed these with the migration
+            await self.held.advance(step.version_after)
+            await self.held.record(run.entry("applied", self.held.token, checksum=step.checksum))
+        state.done(step)
+        log.info(
+            "applied migration %s (%s) in %.3f s",
+            migration.label(),
+            step.direction,
+            duration,
+            extra=log_fields(
+                "migration_applied",
+                migration_version=migration.version,
+                migration_name=migration.name,
+                direction=step.direction,
+                duration_s=duration,
+            ),
+        )
+
+    async def _run_in_transaction(self, run: StepRun) -> None:
+        """The migration, its version and its history record, committed together or not at
+        all. The transaction must end within half the lease, since the heartbeat is paused
+        meanwhile; its own fenced write refreshes the heartbeat."""
+        step = run.step
+        async with self.held.transaction_window(), transaction(self.db) as session:
+            await self._call(step, session, limit=self.owner.lease / 2)
+            await self.held.advance(step.version_after, session)
+            await self.held.record(
+                run.entry("applied", self.held.token, checksum=step.checksum), session
+            )
+
+    async def _call(self, step: Step, session: Any = None, limit: float | None = None) -> None:
+        timeout = step.migration.timeout or self.migration_timeout
+        if limit is not None:
+            timeout = min(timeout or limit, limit)
+        scope: anyio.CancelScope | None = None
+        try:
+            with anyio.fail_after(timeout) as scope:
+                result = await self._invoke(step, session)
+        except TimeoutError:
+            if timeout is None or scope is None or not scope.cancel_called:
+                raise  # the migration's own TimeoutError, not ours
+            raise TimeoutError(f"ran longer than its timeout of {timeout:g} s") from None
+        if result is not None:
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited by us: silence the warning, keep the error
+            raise TypeError(
+                f"{step.direction} returned {result!r}; a migration step must return None "
+                "(was an `await` forgotten?)"
+            )
+
+    async def _invoke(self, step: Step, session: Any) -> Any:
+        if not step.wants_context:
+            return await step.function(self.db)
+        migration = step.migration
+        context = MigrationContext(
+            db=self.db,
+            version=migration.version,
+            name=migration.name,
+            direction=step.direction,
+            log=logging.LoggerAdapter(log, {"migration": migration.version}),
+            session=session,
+            # Inside a transaction a progress write would conflict with the transaction's own
+            # write to the control document: progress is then not recorded.
+            report_progress=None if session is not None else self.held.progress,
+        )
+        return await step.function(self.db, context)
+
+    async def _record_failure(self, run: StepRun, exc: Exception) -> None:
+        migration = run.step.migration
+        failure = failure_record(
+            "failed", run.step.running(), self.owner.as_document(), **error_fields(exc)
+        )
+        log.error(
+            "migration %s failed: %s; leaving the lock stuck",
+            migration.label(),
+            failure["error"],
+            extra=log_fields(
+                "migration_failed",
+                migration_version=migration.version,
+                migration_name=migration.name,
+                error=failure["error"],
+            ),
+        )
+        await self.held.stick(failure)
+        await self.held.record(run.entry("failed", self.held.token, error=exc))
+
+    async def _record_interruption(self, run: StepRun) -> None:
+        migration = run.step.migration
+        if migration.safe_to_repeat:  # a transaction left nothing behind
+            log.warning(
+                "cancelled inside migration %s, which is safe to run again: releasing the "
+                "lock; the next boot re-runs it",
+                migration.label(),
+            )
+            await self.held.release()
+        else:
+            log.error(
+                "cancelled inside migration %s: leaving the lock stuck as interrupted",
+                migration.label(),
+            )
+            failure = failure_record(
+                "interrupted",
+                run.step.running(),
+                self.owner.as_document(),
+                error="cancelled while running (the process was asked to stop)",
+            )
+            await self.held.stick(failure)
+        await self.held.record(
+            run.entry("interrupted", self.held.token, note="cancelled while running")
+        )

@@ -1,0 +1,566 @@
+"""The migration lock: every read and write of the control document, and the rules they keep.
+
+:class:`ControlLock` is what any process does with the lock: read it, acquire it (creating the
+document if missing), adopt one its own lost reply acquired, take over a dead holder's (or mark
+it interrupted), tidy an abandoned one, retry a failure on a new build, and the operator's
+unlock and set-version. :class:`HeldLock` is one acquisition, bound to its token: the heartbeat,
+the fenced writes (start, progress, advance, release, stick), and the rule that once the lock
+is lost it writes nothing more. Each write is one atomic round trip on the control document.
+
+The lease rule lives in :meth:`ControlLock.lease_of`: a holder is alive while the server's
+clock says its last heartbeat is younger than the lease it recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from pymongo import ReturnDocument
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
+
+from .control import CONTROL_ID, HELD_FIELDS, Control, Owner, failure_record, parse_control
+from .drivers import address_of, majority_collection, server_time
+from .errors import ControlLocked, DatabaseUnavailable, LockLost
+from .history import Entry, History
+from .migrations import Migration
+from .report import log_fields
+from .waiting import Deadline, WaitPolicy
+
+log = logging.getLogger("bootmigrate")
+
+T = TypeVar("T")
+
+
+class LockBusy(Exception):
+    """A live process holds the lock: look again later."""
+
+    def __init__(self, control: Control) -> None:
+        super().__init__("control lock held")
+        self.control = control
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held lock's lease as seen now: seconds since its holder's last heartbeat (``None``:
+    none recorded) against the lease it promised (``None``: a lock from Rocket.Chat or by hand,
+    which records none)."""
+
+    silent_for: float | None
+    lease: float | None
+
+    @property
+    def expired(self) -> bool | None:
+        """Whether a waiting replica would take this lock over (``None``: no lease to judge)."""
+        if self.silent_for is None or self.lease is None:
+            return None
+        return self.silent_for > self.lease
+
+
+@dataclass(frozen=True)
+class OperatorChange:
+    """What an operator's unlock or set-version found (``before``) and whether it changed it."""
+
+    changed: bool
+    before: Control
+    lease: Lease
+
+
+class ControlLock:
+    """The lock on one control document, as used by one process (``owner``)."""
+
+    def __init__(
+        self, db: Any, *, collection: str, history: str, owner: Owner, waiting: WaitPolicy
+    ) -> None:
+        self.db = db
+        self.collection = majority_collection(db, collection)
+        self.name = collection
+        self.owner = owner
+        self.waiting = waiting
+        self.history = History(majority_collection(db, history), owner)
+
+    async def read(self) -> Control:
+        """The control document, validated (one ``find_one``)."""
+        return parse_control(await self.collection.find_one({"_id": CONTROL_ID}), self.name)
+
+    async def lease_of(self, control: Control, deadline: Deadline | None = None) -> Lease:
+        """The lease of a held lock, both instants on the server's clock, so that no client's
+        clock enters the decision. A holder that recorded no lease is judged by ours."""
+        if not control.locked or control.heartbeat is None:
+            return Lease(None, control.recorded_lease)
+        with deadline.bound() if deadline else anyio.CancelScope():
+            now = await server_time(self.db)
+        lease = control.recorded_lease or (self.owner.lease if control.owner else None)
+        return Lease((now - control.heartbeat).total_seconds(), lease)
+
+    # -- taking the lock ---------------------------------------------------------------------
+
+    async def acquire(self, seen: Control) -> HeldLock | None:
+        """Take a free lock at the version planned from (creating the document if there is
+        none); ``None`` if another process got there first."""
+        # Shielded: a lock taken by a write whose reply was abandoned would sit unused until
+        # its lease ran out. A cancellation pending meanwhile lands at the holder's first
+        # checkpoint, which releases the lock.
+        with anyio.CancelScope(shield=True):
+            if not seen.exists:
+                held = await self._create(version=0, owner=self.owner)
+            else:
+                held = await self._swap(
+                    {"_id": CONTROL_ID, "locked": False, "version": seen.version},
+                    {"$unset": {"failure": "", "running": ""}},
+                )
+        return HeldLock(self, held) if held is not None else None
+
+    def adopt(self, seen: Control) -> HeldLock | None:
+        """The lock, if ``seen`` shows our own acquire went through though its reply was lost."""
+        if seen.locked and not seen.stuck and (seen.owner or {}).get("id") == self.owner.id:
+            return HeldLock(self, seen)
+        return None
+
+    async def take_over(
+        self, seen: Control, known: Mapping[int, Migration], deadline: Deadline
+    ) -> HeldLock | None:
+        """Take a dead holder's lock; raise :class:`LockBusy` while it lives.
+
+        A holder that died inside a migration that is not safe to repeat is never stepped
+        over: its lock is marked interrupted (stuck) instead, and ``None`` returned, as when
+        another process wins the takeover.
+        """
+        if seen.heartbeat is None or not seen.owner:
+            raise LockBusy(seen)  # a lock with no lease is never presumed dead
+        lease = await self.lease_of(seen, deadline)
+        if not lease.expired:
+            raise LockBusy(seen)
+        running = seen.running
+        interrupted = known.get(running["version"]) if running else None
+        if running and not (interrupted and interrupted.safe_to_repeat):
+            await self._mark_interrupted(seen, lease)
+            return None
+        log.warning(
+            "taking over the migration lock from %s: no heartbeat for %.1f s (lease %g s)%s",
+            seen.describe_owner(),
+            lease.silent_for,
+            lease.lease,
+            f"; re-running idempotent migration {running['version']}" if running else "",
+        )
+        with anyio.CancelScope(shield=True):
+            held = await self._swap(_unbeaten(seen), {})
+        return HeldLock(self, held) if held is not None else None
+
+    async def release_abandoned(self, seen: Control, deadline: Deadline) -> None:
+        """Release a lock whose holder died after its last migration: nothing was interrupted,
+        so take it over and release it, sparing operators an unlock."""
+        if seen.heartbeat is None or not seen.owner:
+            return
+        lease = await self.lease_of(seen, deadline)
+        if not lease.expired:
+            return  # alive: it is migrating beyond this build's target
+        with anyio.CancelScope(shield=True):
+            held = await self._swap(_unbeaten(seen), {})
+            if held is not None:
+                await HeldLock(self, held).release()
+                log.warning(
+                    "released the migration lock left by %s, silent for %.1f s after its last "
+                    "migration",
+                    seen.describe_owner(),
+                    lease.silent_for,
+                    extra=log_fields("dead_lock_released", holder=seen.owner),
+                )
+
+    async def retry_failed(self, seen: Control) -> HeldLock | None:
+        """Take a lock stuck by a failure, only if it is still exactly as ``seen``; recorded in
+        history as a manual ``retry-on-new-build`` action."""
+        failure = seen.failure or {}
+        with anyio.CancelScope(shield=True):
+            held = await self._swap(
+                {
+                    "_id": CONTROL_ID,
+                    "locked": True,
+                    "token": seen.token,
+                    "failure.kind": "failed",
+                    "failure.build": failure.get("build"),
+                },
+                {"$unset": {"failure": "", "running": ""}},
+            )
+            if held is not None:
+                await self._record_retry(held, failure)
+        return HeldLock(self, held) if held is not None else None
+
+    async def _record_retry(self, held: Control, failure: dict[str, Any]) -> None:
+        await self.history.record(
+            Entry(
+                version=int(failure.get("version") or 0),
+                name=str(failure.get("name") or ""),
+                outcome="manual",
+                action="retry-on-new-build",
+                token=held.token,
+                note=f"build {self.owner.build} retries the migration that failed on build "
+                f"{failure.get('build')}: {failure.get('error')}",
+            )
+        )
+
+    async def skip_fresh(self, version: int) -> bool:
+        """Record a database with no control document as being at ``version`` without running
+        anything (Rocket.Chat's way); ``False`` if another process created the document first."""
+        with anyio.CancelScope(shield=True):
+            if await self._create(version=version, owner=None) is None:
+                return False
+            await self.history.record(
+                Entry(
+                    version=version,
+                    name="",
+                    outcome="skipped",
+                    direction="up",
+                    note="fresh database: recorded as up to date without running migrations "
+                    "(fresh='skip')",
+                )
+            )
+        return True
+
+    # -- what operators do -------------------------------------------------------------------
+
+    async def unlock(self, *, force: bool) -> OperatorChange:
+        """Unlock a stuck or abandoned lock, refusing a live holder's unless ``force``; the
+        next boot resumes at the version recorded. Recorded in history."""
+        seen = await self.read()
+        lease = await self.lease_of(seen)
+        if not seen.locked:
+            return OperatorChange(False, seen, lease)
+        self._refuse_live(seen, lease, "unlock", force)
+        update = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
+        if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
+            raise ControlLocked("changed", seen, collection=self.name, action="unlock")
+        await self.history.record(
+            Entry(
+                version=seen.version,
+                name=str((seen.failure or {}).get("name") or ""),
+                outcome="manual",
+                action="unlock",
+                note=f"unlocked by an operator; was {describe_lock(seen, lease)}",
+            )
+        )
+        return OperatorChange(True, seen, lease)
+
+    async def set_version(self, version: int, *, force: bool) -> OperatorChange:
+        """Record the database as being at ``version`` (a skip) without touching the lock,
+        refused while a live holder runs unless ``force``. Recorded in history."""
+        seen = await self.read()
+        lease = await self.lease_of(seen)
+        self._refuse_live(seen, lease, "set the version", force)
+        if not seen.exists:
+            changed = await self._create(version=version, owner=None) is not None
+        else:
+            result = await self.collection.update_one(
+                _unchanged(seen), {"$set": {"version": version}}
+            )
+            changed = bool(result.matched_count)
+        if not changed:
+            raise ControlLocked("changed", seen, collection=self.name, action="set the version")
+        await self.history.record(
+            Entry(
+                version=version,
+                name="",
+                outcome="manual",
+                action="set-version",
+                note=f"version set by an operator from {seen.version} to {version}",
+            )
+        )
+        return OperatorChange(True, seen, lease)
+
+    def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:
+        if seen.locked and seen.failure is None and lease.expired is False and not force:
+            raise ControlLocked(
+                "holder_alive",
+                seen,
+                collection=self.name,
+                action=action,
+                heartbeat_age=lease.silent_for,
+                lease=lease.lease,
+            )
+
+    # -- the writes behind them ----------------------------------------------------------------
+
+    async def _create(self, *, version: int, owner: Owner | None) -> Control | None:
+        """Create the missing document, locked by ``owner`` if given.
+
+        An upsert whose filter no existing control document can match (every one has a
+        ``version``), so it either inserts or fails with a duplicate key: ``None`` then
+        means another replica created the document first.
+        """
+        update: dict[str, Any] = {"$set": {"locked": owner is not None, "version": version}}
+        if owner is not None:
+            update["$set"].update(token=1, beats=0, owner=owner.as_document())
+            update["$currentDate"] = {"heartbeat": True, "locked_at": True}
+        try:
+            doc = await self.collection.find_one_and_update(
+                {"_id": CONTROL_ID, "version": {"$exists": False}},
+                update,
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            return None
+        return parse_control(doc, self.name)
+
+    async def _swap(self, condition: dict[str, Any], extra: dict[str, Any]) -> Control | None:
+        """Make this process the holder if ``condition`` still holds: a new token, a fresh
+        heartbeat and beat counter. ``None`` if it no longer holds."""
+        update: dict[str, Any] = {
+            "$set": {"locked": True, "owner": self.owner.as_document(), "beats": 0},
+            "$inc": {"token": 1},
+            "$currentDate": {"heartbeat": True, "locked_at": True},
+            **extra,
+        }
+        try:
+            doc = await self.collection.find_one_and_update(
+                condition, update, return_document=ReturnDocument.AFTER
+            )
+        except DuplicateKeyError:
+            return None
+        return None if doc is None else parse_control(doc, self.name)
+
+    async def _mark_interrupted(self, seen: Control, lease: Lease) -> None:
+        """Stick a dead holder's lock whose migration cannot be re-run (a compare-and-swap,
+        like a takeover), and record the interruption in history."""
+        running = seen.running or {}
+        error = (
+            f"holder {seen.describe_owner()} stopped heartbeating for {lease.silent_for:.1f} s "
+            "inside this migration (killed or crashed)"
+        )
+        failure = failure_record(
+            "interrupted",
+            running,
+            seen.owner or {},
+            error=error,
+            detected_by=f"{self.owner.host} (pid {self.owner.pid})",
+        )
+        with anyio.CancelScope(shield=True):
+            result = await self.collection.update_one(
+                _unbeaten(seen),
+                {
+                    "$set": {"failure": failure},
+                    "$inc": {"token": 1},
+                    "$unset": {"heartbeat": "", "owner": "", "running": ""},
+                },
+            )
+            if result.modified_count:
+                await self.history.record(
+                    Entry(
+                        version=int(running.get("version") or 0),
+                        name=str(running.get("name") or ""),
+                        outcome="interrupted",
+                        direction=running.get("direction") or "up",
+                        token=seen.token,
+                        note=error,
+                    )
+                )
+
+
+class HeldLock:
+    """One acquisition of the lock, bound to its token. Every write is fenced on the token,
+    shielded from cancellation and retried on connection loss for at most one lease; once the
+    lock is known lost (a fenced write matched nothing, or no heartbeat got through for a
+    lease) it refuses every further write."""
+
+    def __init__(self, lock: ControlLock, control: Control) -> None:
+        self._lock = lock
+        self.control = control
+        self.token = control.token
+        self.lost = False
+        self._in_transaction = False
+        self._beaten_at = 0.0  # when a transaction's commit last refreshed the heartbeat
+
+    @property
+    def collection(self) -> str:
+        """The control document's collection name."""
+        return self._lock.name
+
+    async def start(self, running: dict[str, Any]) -> None:
+        """Name the migration about to run. Its own write, so that a taker can tell a holder
+        that died inside a migration from one that died between two."""
+        await self.write(lambda: self._fenced({"$set": {"running": running}}))
+
+    async def progress(self, done: int, total: int) -> None:
+        """Record how far the running migration has got (shown by ``status``)."""
+        update = {
+            "$set": {"running.progress.done": done, "running.progress.total": total},
+            "$currentDate": {"running.progress.at": True},
+        }
+        self._refuse_if_lost()
+        await self._fenced(update)
+
+    async def advance(self, version: int, session: Any = None) -> None:
+        """Record a finished migration: the version reached, and no migration running. Given
+        a session, the write joins its transaction (and fences it: a stale holder's
+        transaction matches nothing, and aborts)."""
+        update = {
+            "$set": {"version": version},
+            "$unset": {"running": ""},
+            "$inc": {"beats": 1},
+            "$currentDate": {"heartbeat": True},
+        }
+        if session is not None:
+            self._refuse_if_lost()
+            await self._fenced(update, session)
+        else:
+            await self.write(lambda: self._fenced(update))
+
+    async def release(self) -> None:
+        """Unlock at the version reached; ``token`` stays, so that it keeps increasing."""
+        update = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
+        await self.write(lambda: self._fenced(update))
+
+    async def stick(self, failure: dict[str, Any]) -> None:
+        """Leave the lock held on purpose with the failure recorded, for an operator."""
+        update = {
+            "$set": {"failure": failure},
+            "$unset": {"heartbeat": "", "owner": "", "running": ""},
+        }
+        await self.write(lambda: self._fenced(update))
+
+    async def record(self, entry: Entry, session: Any = None) -> None:
+        """A history record of this holder's work; in the transaction of ``session`` if given."""
+        if session is not None:
+            self._refuse_if_lost()
+            await self._lock.history.record(entry, session)
+        else:
+            await self.write(lambda: self._lock.history.record(entry))
+
+    async def heartbeat(self) -> bool:
+        """Refresh the lease on the server's clock; ``False`` once the lock is no longer ours."""
+        result = await self._lock.collection.update_one(
+            {"_id": CONTROL_ID, "locked": True, "token": self.token},
+            {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}},
+        )
+        return bool(result.matched_count)
+
+    async def keep_alive(self, stop: Callable[[], None]) -> None:
+        """Beat every lease/3 until cancelled; once the lock may not be ours, mark it lost and
+        call ``stop`` (which cancels the migrations)."""
+        lease = self._lock.owner.lease
+        last_beat = time.monotonic()
+        while True:
+            await anyio.sleep(lease / 3)
+            if self._in_transaction:
+                continue  # a beat would conflict with the transaction; it is short by design
+            last_beat = max(last_beat, self._beaten_at)
+            ours: bool | None = None
+            with anyio.move_on_after(max(last_beat + lease - time.monotonic(), 0.0)):
+                try:
+                    ours = await self.heartbeat()
+                except Exception as exc:  # keep beating; the lease decides when to give up
+                    log.warning("heartbeat failed: %s", exc)
+            if ours:
+                last_beat = time.monotonic()
+                continue
+            if ours is False or time.monotonic() - last_beat >= lease:
+                log.error(
+                    "lost the migration lock (token %d); stopping without further writes",
+                    self.token,
+                )
+                self.lost = True
+                stop()
+                return
+
+    @asynccontextmanager
+    async def transaction_window(self) -> AsyncIterator[None]:
+        """Around a transaction that writes the control document: beat just before, and pause
+        the heartbeat meanwhile (a beat would conflict with the transaction's own write)."""
+        self._refuse_if_lost()
+        if not await self.heartbeat():
+            self.lost = True
+            raise self.lost_error("before a transaction")
+        self._in_transaction = True
+        try:
+            yield
+        finally:
+            self._in_transaction = False
+            self._beaten_at = time.monotonic()
+
+    def lost_error(self, during: str) -> LockLost:
+        """The error that says this lock was lost ``during`` something."""
+        lock = self._lock
+        return LockLost(
+            token=self.token, collection=lock.name, lease=lock.owner.lease, during=during
+        )
+
+    async def write(self, write: Callable[[], Awaitable[T]]) -> T:
+        """A bookkeeping write: refused once the lock is lost, shielded from cancellation, and
+        retried on connection loss for at most one lease (after that the lock may no longer
+        be ours anyway)."""
+        self._refuse_if_lost()
+        lease = self._lock.owner.lease
+        with anyio.CancelScope(shield=True):
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(ConnectionFailure),
+                    wait=self._lock.waiting.write_retry_backoff(),
+                    stop=stop_after_delay(lease),
+                    reraise=True,
+                ):
+                    with attempt:
+                        return await write()
+            except ConnectionFailure as exc:
+                raise DatabaseUnavailable(
+                    address=address_of(self._lock.db), seconds=lease, cause=str(exc), holding=True
+                ) from exc
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _refuse_if_lost(self) -> None:
+        if self.lost:
+            raise self.lost_error("and refused a further write")
+
+    async def _fenced(self, update: dict[str, Any], session: Any = None) -> None:
+        doc = await self._lock.collection.find_one_and_update(
+            {"_id": CONTROL_ID, "locked": True, "token": self.token},
+            update,
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if doc is None:
+            self.lost = True
+            raise self.lost_error("when its next write found the lock gone")
+
+
+def describe_lock(control: Control, lease: Lease) -> str:
+    """How a lock looked, in a few words, for what ``unlock`` reports it changed."""
+    if control.failure:
+        kind = control.failure.get("kind", "failed")
+        return (
+            f"stuck at version {control.version}: migration {control.failure.get('version')} {kind}"
+        )
+    if lease.expired:
+        return f"held by {control.describe_owner()} whose lease had expired"
+    if lease.lease is None:
+        return f"locked at version {control.version} with no owner recorded"
+    return f"held by {control.describe_owner()} (forced)"
+
+
+def _unbeaten(seen: Control) -> dict[str, Any]:
+    """A filter matching a held lock only if its holder has not beaten since ``seen`` (a slow
+    holder that beat in the meantime keeps its lock) and it is not stuck."""
+    return {
+        "_id": CONTROL_ID,
+        "locked": True,
+        "token": seen.token,
+        "beats": seen.beats,
+        "failure": None,
+    }
+
+
+def _unchanged(seen: Control) -> dict[str, Any]:
+    """A filter that matches the control document only as it was when read."""
+    return {
+        "_id": CONTROL_ID,
+        "locked": seen.locked,
+        "version": seen.version,
+        # None matches a missing field too, as in a document written by Rocket.Chat.
+        "token": seen.raw.get("token"),
+        "beats": seen.raw.get("beats"),
+    }
