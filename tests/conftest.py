@@ -30,6 +30,8 @@ def _operator_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "BOOTMIGRATE_BUILD",
         "BOOTMIGRATE_DB",
         "BOOTMIGRATE_MIGRATIONS",
+        "BOOTMIGRATE_COLLECTION",
+        "BOOTMIGRATE_HISTORY_COLLECTION",
     ):
         monkeypatch.delenv(name, raising=False)
 

@@ -138,6 +138,7 @@ async def test_fresh_skip_records_latest_without_running(db: Any) -> None:
     report = await migrate(db, recorders(1, 2, 3), fresh="skip")
 
     assert (report.to_version, report.applied) == (3, [])
+    assert report.holder is False  # the document was created unlocked: no lock was taken
     assert await ran(db) == []
     doc = await control(db)
     assert doc is not None and (doc["locked"], doc["version"]) == (False, 3)

@@ -210,24 +210,12 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
     @click.option("--debug", is_flag=True, help="Show tracebacks and the library's log.")
     @click.option("-v", "--verbose", is_flag=True, help="Show progress lines on stderr.")
     @functools.wraps(command)
-    def wrapper(
-        uri: str,
-        db: str | None,
-        migrations: str,
-        collection: str,
-        history_collection: str | None,
-        timeout: float,
-        driver: str,
-        as_json: bool,
-        debug: bool,
-        verbose: bool,
-        **kwargs: Any,
-    ) -> None:
+    def wrapper(**options: Any) -> None:
+        debug, verbose = options.pop("debug"), options.pop("verbose")
         _configure_logging(debug=debug, verbose=verbose)
         try:
-            settings = _settings(collection=collection, history_collection=history_collection)
-            session = Session(uri, db, migrations, settings, timeout, driver, as_json)
-            code = command(session, **kwargs) or OK
+            session = _session(options)
+            code = command(session, **options) or OK
         except (Failure, MigrationError) as exc:
             if debug:
                 raise
@@ -246,12 +234,24 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
     return wrapper
 
 
-def _settings(**options: Any) -> Settings:
-    """Settings from flags and environment, a bad value reported as a one-line error."""
+def _session(options: dict[str, Any]) -> Session:
+    """The session from the shared options, which it takes out of ``options``."""
     try:
-        return Settings(**options)
+        settings = Settings(
+            collection=options.pop("collection"),
+            history_collection=options.pop("history_collection"),
+        )
     except (TypeError, ValueError) as exc:
         raise Failure(str(exc)) from None
+    return Session(
+        uri=options.pop("uri"),
+        db_name=options.pop("db"),
+        migrations=options.pop("migrations"),
+        settings=settings,
+        timeout=options.pop("timeout"),
+        driver=options.pop("driver"),
+        as_json=options.pop("as_json"),
+    )
 
 
 def _configure_logging(*, debug: bool, verbose: bool) -> None:

@@ -287,39 +287,23 @@ class ControlLock:
     # -- the writes behind them ----------------------------------------------------------------
 
     async def _create(self, *, version: int, owner: Owner | None) -> Control | None:
-        """Create the missing document, locked by ``owner`` if given.
-
-        An upsert whose filter no existing control document can match (every one has a
-        ``version``), so it either inserts or fails with a duplicate key: ``None`` then
-        means another replica created the document first.
-        """
-        update: dict[str, Any] = {"$set": {"locked": owner is not None, "version": version}}
-        if owner is not None:
-            update["$set"].update(token=1, beats=0, owner=owner.as_document())
-            update["$currentDate"] = {"heartbeat": True, "locked_at": True}
-        try:
-            doc = await self.collection.find_one_and_update(
-                {"_id": CONTROL_ID, "version": {"$exists": False}},
-                update,
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:
-            return None
-        return parse_control(doc, self.name)
+        """Create the missing document, locked by ``owner`` if given; ``None`` if another
+        process created it first. The filter cannot match an existing control document
+        (every one has a ``version``), so the upsert inserts or fails with a duplicate key."""
+        return await self._modify(
+            {"_id": CONTROL_ID, "version": {"$exists": False}}, _created(version, owner), True
+        )
 
     async def _swap(self, condition: dict[str, Any], extra: dict[str, Any]) -> Control | None:
-        """Make this process the holder if ``condition`` still holds: a new token, a fresh
-        heartbeat and beat counter. ``None`` if it no longer holds."""
-        update: dict[str, Any] = {
-            "$set": {"locked": True, "owner": self.owner.as_document(), "beats": 0},
-            "$inc": {"token": 1},
-            "$currentDate": {"heartbeat": True, "locked_at": True},
-            **extra,
-        }
+        """Make this process the holder if ``condition`` still holds; ``None`` if not."""
+        return await self._modify(condition, {**_taken_by(self.owner), **extra})
+
+    async def _modify(
+        self, condition: dict[str, Any], update: dict[str, Any], upsert: bool = False
+    ) -> Control | None:
         try:
             doc = await self.collection.find_one_and_update(
-                condition, update, return_document=ReturnDocument.AFTER
+                condition, update, upsert=upsert, return_document=ReturnDocument.AFTER
             )
         except DuplicateKeyError:
             return None
@@ -540,6 +524,27 @@ def describe_lock(control: Control, lease: Lease) -> str:
     if lease.lease is None:
         return f"locked at version {control.version} with no owner recorded"
     return f"held by {control.describe_owner()} (forced)"
+
+
+def _taken_by(owner: Owner) -> dict[str, Any]:
+    """The update that makes ``owner`` the holder: a new token, a fresh heartbeat (on the
+    server's clock) and beat counter."""
+    return {
+        "$set": {"locked": True, "owner": owner.as_document(), "beats": 0},
+        "$inc": {"token": 1},
+        "$currentDate": {"heartbeat": True, "locked_at": True},
+    }
+
+
+def _created(version: int, owner: Owner | None) -> dict[str, Any]:
+    """The upsert that creates a control document at ``version``, held by ``owner`` if given."""
+    if owner is None:
+        return {"$set": {"locked": False, "version": version}}
+    taken = _taken_by(owner)
+    return {
+        "$set": {**taken["$set"], "version": version, "token": 1},
+        "$currentDate": taken["$currentDate"],
+    }
 
 
 def _unbeaten(seen: Control) -> dict[str, Any]:

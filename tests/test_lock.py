@@ -1,0 +1,106 @@
+"""The lock object on its own, against the real server: acquire, adopt, take over, the lost
+rule, and the operator's unlock."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from bootmigrate import ControlLocked, LockLost
+from bootmigrate.control import Owner
+from bootmigrate.drivers import server_time
+from bootmigrate.history import Entry
+from bootmigrate.lock import ControlLock, HeldLock, LockBusy
+from bootmigrate.waiting import Deadline, WaitPolicy
+from tests.helpers import control, history
+
+pytestmark = pytest.mark.anyio
+
+LEASE = 30.0
+
+
+def lock_for(db: Any, name: str) -> ControlLock:
+    owner = Owner(host=name, pid=1, build=None, lease=LEASE, id=f"id-{name}")
+    return ControlLock(
+        db, collection="migrations", history="migrations_history", owner=owner, waiting=WaitPolicy()
+    )
+
+
+async def acquired(lock: ControlLock) -> HeldLock:
+    held = await lock.acquire(await lock.read())
+    assert held is not None
+    return held
+
+
+async def silence(db: Any, seconds: float) -> None:
+    """Make the holder's last heartbeat ``seconds`` old, as if it had stopped beating."""
+    beat = await server_time(db) - timedelta(seconds=seconds)
+    await db.migrations.update_one({"_id": "control"}, {"$set": {"heartbeat": beat}})
+
+
+async def test_acquire_creates_the_document_and_a_second_acquire_loses(db: Any) -> None:
+    first, second = lock_for(db, "a"), lock_for(db, "b")
+    seen = await first.read()
+
+    held = await first.acquire(seen)
+
+    assert held is not None and held.token == 1
+    assert await second.acquire(seen) is None  # planned from the same reading: too late
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["owner"]["host"]) == (True, "a")
+
+
+async def test_only_the_process_whose_id_is_on_the_lock_adopts_it(db: Any) -> None:
+    await acquired(lock_for(db, "a"))
+    seen = await lock_for(db, "a").read()
+
+    assert lock_for(db, "a").adopt(seen) is not None
+    assert lock_for(db, "b").adopt(seen) is None
+
+
+async def test_a_live_holder_is_not_taken_over(db: Any) -> None:
+    await acquired(lock_for(db, "a"))
+    taker = lock_for(db, "b")
+
+    with pytest.raises(LockBusy):
+        await taker.take_over(await taker.read(), {}, Deadline.after(10))
+
+
+async def test_once_lost_a_held_lock_writes_nothing_more(db: Any) -> None:
+    old = await acquired(lock_for(db, "a"))
+    await silence(db, 2 * LEASE)
+    taker = lock_for(db, "b")
+    new = await taker.take_over(await taker.read(), {}, Deadline.after(10))
+    assert new is not None and new.token == old.token + 1
+
+    with pytest.raises(LockLost):
+        await old.advance(5)  # fenced: finds the lock gone
+    assert old.lost
+    with pytest.raises(LockLost):
+        await old.record(Entry(version=5, name="five", outcome="applied", direction="up"))
+    with pytest.raises(LockLost):
+        await old.release()
+
+    assert await history(db) == []  # not even a history record, which no fence would stop
+    doc = await control(db)
+    assert doc is not None
+    assert (doc["locked"], doc["version"], doc["token"]) == (True, 0, new.token)
+
+
+async def test_unlock_refuses_a_live_holder_unless_forced_and_is_recorded(db: Any) -> None:
+    await acquired(lock_for(db, "a"))
+    operator = lock_for(db, "ops")
+
+    with pytest.raises(ControlLocked, match="refusing to unlock: a \\(pid 1\\) is alive") as caught:
+        await operator.unlock(force=False)
+    assert caught.value.reason == "holder_alive"
+
+    done = await operator.unlock(force=True)
+
+    assert done.changed and done.before.locked
+    doc = await control(db)
+    assert doc is not None and doc["locked"] is False and "owner" not in doc
+    records = await history(db)
+    assert [(r["outcome"], r["action"]) for r in records] == [("manual", "unlock")]
