@@ -40,6 +40,13 @@ class Entry:
     note: str | None = None
     checksum: str | None = None
 
+    @classmethod
+    def manual(
+        cls, action: str, version: int, note: str, *, name: str = "", token: int | None = None
+    ) -> Entry:
+        """The record of an action taken on the lock rather than a migration run."""
+        return cls(version, name, "manual", action=action, token=token, note=note)
+
 
 class History:
     """Append-only records of what ran, where and how it ended."""

@@ -178,32 +178,18 @@ class ControlLock:
         history as a manual ``retry-on-new-build`` action."""
         failure = seen.failure or {}
         with anyio.CancelScope(shield=True):
-            held = await self._swap(
-                {
-                    "_id": CONTROL_ID,
-                    "locked": True,
-                    "token": seen.token,
-                    "failure.kind": "failed",
-                    "failure.build": failure.get("build"),
-                },
-                {"$unset": {"failure": "", "running": ""}},
-            )
+            held = await self._swap(_failed_as(seen), {"$unset": {"failure": "", "running": ""}})
             if held is not None:
-                await self._record_retry(held, failure)
+                note = (
+                    f"build {self.owner.build} retries the migration that failed on build "
+                    f"{failure.get('build')}: {failure.get('error')}"
+                )
+                version, name = int(failure.get("version") or 0), str(failure.get("name") or "")
+                entry = Entry.manual(
+                    "retry-on-new-build", version, note, name=name, token=held.token
+                )
+                await self.history.record(entry)
         return HeldLock(self, held) if held is not None else None
-
-    async def _record_retry(self, held: Control, failure: dict[str, Any]) -> None:
-        await self.history.record(
-            Entry(
-                version=int(failure.get("version") or 0),
-                name=str(failure.get("name") or ""),
-                outcome="manual",
-                action="retry-on-new-build",
-                token=held.token,
-                note=f"build {self.owner.build} retries the migration that failed on build "
-                f"{failure.get('build')}: {failure.get('error')}",
-            )
-        )
 
     async def skip_fresh(self, version: int) -> bool:
         """Record a database with no control document as being at ``version`` without running
@@ -236,15 +222,9 @@ class ControlLock:
         update = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
         if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
             raise ControlLocked("changed", seen, collection=self.name, action="unlock")
-        await self.history.record(
-            Entry(
-                version=seen.version,
-                name=str((seen.failure or {}).get("name") or ""),
-                outcome="manual",
-                action="unlock",
-                note=f"unlocked by an operator; was {describe_lock(seen, lease)}",
-            )
-        )
+        note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
+        name = str((seen.failure or {}).get("name") or "")
+        await self.history.record(Entry.manual("unlock", seen.version, note, name=name))
         return OperatorChange(True, seen, lease)
 
     async def set_version(self, version: int, *, force: bool) -> OperatorChange:
@@ -262,15 +242,8 @@ class ControlLock:
             changed = bool(result.matched_count)
         if not changed:
             raise ControlLocked("changed", seen, collection=self.name, action="set the version")
-        await self.history.record(
-            Entry(
-                version=version,
-                name="",
-                outcome="manual",
-                action="set-version",
-                note=f"version set by an operator from {seen.version} to {version}",
-            )
-        )
+        note = f"version set by an operator from {seen.version} to {version}"
+        await self.history.record(Entry.manual("set-version", version, note))
         return OperatorChange(True, seen, lease)
 
     def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:
@@ -556,6 +529,17 @@ def _unbeaten(seen: Control) -> dict[str, Any]:
         "token": seen.token,
         "beats": seen.beats,
         "failure": None,
+    }
+
+
+def _failed_as(seen: Control) -> dict[str, Any]:
+    """A filter matching a lock stuck by a failure only as ``seen`` (same token, same build)."""
+    return {
+        "_id": CONTROL_ID,
+        "locked": True,
+        "token": seen.token,
+        "failure.kind": "failed",
+        "failure.build": (seen.failure or {}).get("build"),
     }
 
 
