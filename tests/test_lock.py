@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from pymongo.errors import ConnectionFailure
 
 from bootmigrate import ControlLocked, LockLost
 from bootmigrate.control import Owner
@@ -104,3 +105,48 @@ async def test_unlock_refuses_a_live_holder_unless_forced_and_is_recorded(db: An
     assert doc is not None and doc["locked"] is False and "owner" not in doc
     records = await history(db)
     assert [(r["outcome"], r["action"]) for r in records] == [("manual", "unlock")]
+
+
+async def test_a_write_being_retried_stops_once_the_lock_is_known_lost(db: Any) -> None:
+    old = await acquired(lock_for(db, "a"))
+    await silence(db, 2 * LEASE)
+    taker = lock_for(db, "b")
+    attempts: list[str] = []
+
+    async def insert_after_a_lost_reply() -> None:
+        attempts.append("sent")
+        if len(attempts) == 1:
+            # Meanwhile the lock moves on, and this holder learns it (as its heartbeat would)...
+            assert await taker.take_over(await taker.read(), {}, Deadline.after(10))
+            with pytest.raises(LockLost):
+                await old.progress(1, 2)
+            # ...and this first attempt's reply is lost: the kind of error a write retries.
+            raise ConnectionFailure("connection closed")
+        await db.stray.insert_one({"from": "the old holder"})
+
+    with pytest.raises(LockLost):
+        await old.write(insert_after_a_lost_reply)
+
+    assert attempts == ["sent"]  # not retried once the lock was known lost
+    assert await db.stray.count_documents({}) == 0
+
+
+async def test_operators_see_no_lease_where_the_holder_recorded_none(db: Any) -> None:
+    now = await server_time(db)
+    await db.migrations.insert_one(
+        {
+            "_id": "control",
+            "locked": True,
+            "version": 2,
+            "heartbeat": now,
+            "owner": {"host": "by-hand", "pid": 7},  # no lease: set by hand or another tool
+        }
+    )
+    operator = lock_for(db, "ops")
+
+    lease = await operator.lease_of(await operator.read())
+    assert (lease.lease, lease.expired) == (None, None)
+    done = await operator.unlock(force=False)  # no lease: nothing says it is alive
+
+    assert done.changed
+    assert (await control(db) or {})["locked"] is False

@@ -29,13 +29,16 @@ def test_durations_must_be_positive_and_finite(name: str, value: float) -> None:
 
 
 @pytest.mark.parametrize("name", SECONDS)
-@pytest.mark.parametrize("value", [True, False, "30", None])
+@pytest.mark.parametrize("value", [True, False, "30"])
 def test_durations_refuse_booleans_and_text(name: str, value: Any) -> None:
-    if name == "migration_timeout" and value is None:
-        assert Settings(migration_timeout=None).migration_timeout is None  # None: no limit
-        return
-    with pytest.raises(TypeError, match=f"{name} must be a number of seconds"):
+    with pytest.raises(ValueError, match=f"{name} must be a number of seconds"):
         Settings(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["wait_timeout", "lease", "max_poll_interval"])
+def test_required_durations_refuse_none(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a number of seconds"):
+        Settings(**{name: None})
 
 
 @pytest.mark.parametrize(
@@ -52,9 +55,9 @@ def test_durations_refuse_booleans_and_text(name: str, value: Any) -> None:
         ({"collection": ""}, ValueError, "collection must be a non-empty collection name"),
         ({"collection": "a$b"}, ValueError, "not a usable collection name"),
         ({"history_collection": "system.x"}, ValueError, "not a usable collection name"),
-        ({"build": 7}, TypeError, "build must be text"),
-        ({"validate": "yes"}, TypeError, "validate must be True or False"),
-        ({"retry_failed_on_new_build": 1}, TypeError, "must be True or False"),
+        ({"build": 7}, ValueError, "build must be text"),
+        ({"validate": "false"}, ValueError, "validate must be True or False"),
+        ({"retry_failed_on_new_build": 1}, ValueError, "must be True or False"),
     ],
 )
 def test_bad_values_are_refused_with_the_option_named(
@@ -72,7 +75,13 @@ def test_defaults_are_those_of_migrate() -> None:
 
 def test_history_collection_defaults_from_the_collection_and_can_be_named() -> None:
     assert Settings(collection="schema").history_name == "schema_history"
+    assert Settings(collection="schema", history_collection="").history_name == "schema_history"
     assert Settings(collection="schema", history_collection="audit").history_name == "audit"
+
+
+def test_stream_and_write_retry_intervals_follow_the_poll_interval_unless_given() -> None:
+    policy = Settings(max_poll_interval=0.5).waiting
+    assert (policy.stream_idle_wait, policy.max_write_retry_interval) == (0.5, 0.5)
 
 
 def test_the_three_waiting_intervals_are_separate() -> None:
@@ -107,5 +116,5 @@ def test_integrations_check_options_when_the_app_is_built() -> None:
         migrate_lifespan(object(), "migrations", leese=3)
     with pytest.raises(ValueError, match="lease must be a positive, finite number"):
         migrate_context(object(), "migrations", lease=math.inf)
-    with pytest.raises(TypeError, match="lease must be a number of seconds"):
+    with pytest.raises(ValueError, match="lease must be a number of seconds"):
         migrate_lifespan(object(), "migrations", settings=Settings(), lease="30")

@@ -113,6 +113,8 @@ class Applier:
             except Exception as exc:  # re-raised below, outside the task group
                 error = exc
             tasks.cancel_scope.cancel()
+        if isinstance(error, LockLost):
+            raise error  # it already says when the loss was found
         if held.lost:
             raise held.lost_error("while running migrations") from error
         if error is not None:
@@ -175,7 +177,7 @@ class Applier:
                 direction=step.direction,
                 host=self.owner.host,
                 pid=self.owner.pid,
-                collection=self.held.collection,
+                collection=self.held.collection_name,
                 db_version=step.version_before,
                 error=f"{type(exc).__name__}: {exc}",
             ) from exc

@@ -131,7 +131,9 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
         state = "pending"
     else:
         state = "up-to-date"
-    return Status(lock.name, control.exists, control.version, latest, pending, state, view, problem)
+    return Status(
+        lock.collection_name, control.exists, control.version, latest, pending, state, view, problem
+    )
 
 
 async def plan(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Plan:

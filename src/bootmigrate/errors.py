@@ -35,6 +35,24 @@ LockedReason = Literal["stuck", "wait_timeout", "holder_alive", "changed", "lost
 class MigrationError(Exception):
     """Base class of every error bootmigrate raises on purpose."""
 
+    # The fields an error was built from, so that it can be built again: pickled (to leave a
+    # worker process) or copied, an exception is rebuilt by calling its class.
+    _fields: dict[str, Any] | None = None
+
+    def __reduce__(self) -> Any:
+        if self._fields is None:
+            return super().__reduce__()
+        return (_rebuild, (type(self), self._fields))
+
+
+def _rebuild(cls: type[MigrationError], fields: dict[str, Any]) -> MigrationError:
+    return cls(**fields)
+
+
+def _fields(values: dict[str, Any]) -> dict[str, Any]:
+    """An ``__init__``'s arguments, from its ``locals()``."""
+    return {k: v for k, v in values.items() if k not in ("self", "__class__")}
+
 
 class MigrationFailed(MigrationError):
     """A migration run by this call raised; the control lock is left stuck on purpose."""
@@ -51,6 +69,7 @@ class MigrationFailed(MigrationError):
         db_version: int,
         error: str,
     ) -> None:
+        self._fields = _fields(locals())
         self.version = version
         self.name = name
         self.direction = direction
@@ -89,11 +108,13 @@ class ControlLocked(MigrationError):
         heartbeat_age: float | None = None,
         lease: float | None = None,
     ) -> None:
+        self._fields = _fields(locals())
         self.reason = reason
         self.control: dict[str, Any] | None = control.raw
         self.collection = collection
-        self.db_version = control.version
-        self.holder = control.describe_owner()
+        # Optional because a LockLost, also a ControlLocked, has no reading to take them from.
+        self.db_version: int | None = control.version
+        self.holder: str | None = control.describe_owner()
         self.failure = control.failure
         self.running = control.running
         self.action = action
@@ -159,6 +180,7 @@ class LockLost(ControlLocked):
     """
 
     def __init__(self, *, token: int, collection: str, lease: float, during: str) -> None:
+        self._fields = _fields(locals())
         # Not ControlLocked.__init__: there is no control document reading to describe.
         MigrationError.__init__(
             self,
@@ -169,9 +191,10 @@ class LockLost(ControlLocked):
             "the control document and history to see what the new holder did.",
         )
         self.reason: LockedReason = "lost"
-        self.control = None
+        self.control = self.failure = self.running = None
+        self.db_version = self.holder = self.locked_since = None
+        self.action, self.wait_timeout, self.heartbeat_age = "", None, None
         self.collection = collection
-        self.failure = self.running = None
         self.token = token
         self.lease = lease
         self.during = during
@@ -181,6 +204,7 @@ class UnsupportedUpgrade(MigrationError):
     """The database is older than the oldest version this build can upgrade from."""
 
     def __init__(self, *, db_version: int, floor: int, known: str, release: str | None) -> None:
+        self._fields = _fields(locals())
         self.db_version = db_version
         self.floor = floor
         self.release = release
@@ -204,6 +228,7 @@ class DatabaseAhead(MigrationError):
     """
 
     def __init__(self, *, db_version: int, latest: int, wanted: int | None) -> None:
+        self._fields = _fields(locals())
         self.db_version = db_version
         self.latest = latest
         self.wanted = wanted
@@ -239,6 +264,7 @@ class InvalidControlDocument(MigrationError):
     def __init__(
         self, *, collection: str, problem: str, fix: str, document: dict[str, Any]
     ) -> None:
+        self._fields = _fields(locals())
         self.collection = collection
         self.problem = problem
         self.document = document
@@ -255,6 +281,7 @@ class DatabaseUnavailable(MigrationError):
     """
 
     def __init__(self, *, address: str, seconds: float, cause: str, holding: bool) -> None:
+        self._fields = _fields(locals())
         self.address = address
         self.seconds = seconds
         self.cause = cause

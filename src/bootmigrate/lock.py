@@ -5,7 +5,8 @@ document if missing), adopt one its own lost reply acquired, take over a dead ho
 it interrupted), tidy an abandoned one, retry a failure on a new build, and the operator's
 unlock and set-version. :class:`HeldLock` is one acquisition, bound to its token: the heartbeat,
 the fenced writes (start, progress, advance, release, stick), and the rule that once the lock
-is lost it writes nothing more. Each write is one atomic round trip on the control document.
+is lost it writes nothing more. Each change to the control document is one atomic round trip
+(a history record, where one is kept, is a second).
 
 The lease rule lives in :meth:`ControlLock.lease_of`: a holder is alive while the server's
 clock says its last heartbeat is younger than the lease it recorded.
@@ -80,23 +81,28 @@ class ControlLock:
     ) -> None:
         self.db = db
         self.collection = majority_collection(db, collection)
-        self.name = collection
+        self.collection_name = collection
         self.owner = owner
         self.waiting = waiting
         self.history = History(majority_collection(db, history), owner)
 
     async def read(self) -> Control:
         """The control document, validated (one ``find_one``)."""
-        return parse_control(await self.collection.find_one({"_id": CONTROL_ID}), self.name)
+        return parse_control(
+            await self.collection.find_one({"_id": CONTROL_ID}), self.collection_name
+        )
 
-    async def lease_of(self, control: Control, deadline: Deadline | None = None) -> Lease:
+    async def lease_of(
+        self, control: Control, deadline: Deadline | None = None, *, assumed: float | None = None
+    ) -> Lease:
         """The lease of a held lock, both instants on the server's clock, so that no client's
-        clock enters the decision. A holder that recorded no lease is judged by ours."""
+        clock enters the decision. ``assumed`` stands in for a lease its holder did not record
+        (a waiter judges such a holder by its own lease; an operator's view shows none)."""
+        lease = control.recorded_lease or assumed
         if not control.locked or control.heartbeat is None:
-            return Lease(None, control.recorded_lease)
+            return Lease(None, lease)
         with deadline.bound() if deadline else anyio.CancelScope():
             now = await server_time(self.db)
-        lease = control.recorded_lease or (self.owner.lease if control.owner else None)
         return Lease((now - control.heartbeat).total_seconds(), lease)
 
     # -- taking the lock ---------------------------------------------------------------------
@@ -134,7 +140,7 @@ class ControlLock:
         """
         if seen.heartbeat is None or not seen.owner:
             raise LockBusy(seen)  # a lock with no lease is never presumed dead
-        lease = await self.lease_of(seen, deadline)
+        lease = await self.lease_of(seen, deadline, assumed=self.owner.lease)
         if not lease.expired:
             raise LockBusy(seen)
         running = seen.running
@@ -158,13 +164,14 @@ class ControlLock:
         so take it over and release it, sparing operators an unlock."""
         if seen.heartbeat is None or not seen.owner:
             return
-        lease = await self.lease_of(seen, deadline)
+        lease = await self.lease_of(seen, deadline, assumed=self.owner.lease)
         if not lease.expired:
             return  # alive: it is migrating beyond this build's target
         with anyio.CancelScope(shield=True):
             held = await self._swap(_unbeaten(seen), {})
             if held is not None:
-                await HeldLock(self, held).release()
+                # One try, not a holder's retries: a failure goes back to the waiter's own loop.
+                await self.collection.update_one(_fence(held.token), _RELEASED)
                 log.warning(
                     "released the migration lock left by %s, silent for %.1f s after its last "
                     "migration",
@@ -219,9 +226,8 @@ class ControlLock:
         if not seen.locked:
             return OperatorChange(False, seen, lease)
         self._refuse_live(seen, lease, "unlock", force)
-        update = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
-        if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
-            raise ControlLocked("changed", seen, collection=self.name, action="unlock")
+        if not (await self.collection.update_one(_unchanged(seen), _RELEASED)).modified_count:
+            raise ControlLocked("changed", seen, collection=self.collection_name, action="unlock")
         note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
         name = str((seen.failure or {}).get("name") or "")
         await self.history.record(Entry.manual("unlock", seen.version, note, name=name))
@@ -241,7 +247,9 @@ class ControlLock:
             )
             changed = bool(result.matched_count)
         if not changed:
-            raise ControlLocked("changed", seen, collection=self.name, action="set the version")
+            raise ControlLocked(
+                "changed", seen, collection=self.collection_name, action="set the version"
+            )
         note = f"version set by an operator from {seen.version} to {version}"
         await self.history.record(Entry.manual("set-version", version, note))
         return OperatorChange(True, seen, lease)
@@ -251,7 +259,7 @@ class ControlLock:
             raise ControlLocked(
                 "holder_alive",
                 seen,
-                collection=self.name,
+                collection=self.collection_name,
                 action=action,
                 heartbeat_age=lease.silent_for,
                 lease=lease.lease,
@@ -280,7 +288,7 @@ class ControlLock:
             )
         except DuplicateKeyError:
             return None
-        return None if doc is None else parse_control(doc, self.name)
+        return None if doc is None else parse_control(doc, self.collection_name)
 
     async def _mark_interrupted(self, seen: Control, lease: Lease) -> None:
         """Stick a dead holder's lock whose migration cannot be re-run (a compare-and-swap,
@@ -320,10 +328,15 @@ class ControlLock:
 
 
 class HeldLock:
-    """One acquisition of the lock, bound to its token. Every write is fenced on the token,
-    shielded from cancellation and retried on connection loss for at most one lease; once the
-    lock is known lost (a fenced write matched nothing, or no heartbeat got through for a
-    lease) it refuses every further write."""
+    """One acquisition of the lock, bound to its token.
+
+    Every write to the control document is fenced on the token. Bookkeeping writes (start,
+    advance, release, stick, and history records) are also shielded from cancellation and
+    retried on connection loss for at most one lease; inside a transaction they join it
+    instead. Once the lock is known lost (a fenced write matched nothing, or no heartbeat got
+    through for a lease) every further write is refused before it is sent, history records
+    included (those are not fenced by the server, so this rule is what stops them).
+    """
 
     def __init__(self, lock: ControlLock, control: Control) -> None:
         self._lock = lock
@@ -334,9 +347,9 @@ class HeldLock:
         self._beaten_at = 0.0  # when a transaction's commit last refreshed the heartbeat
 
     @property
-    def collection(self) -> str:
+    def collection_name(self) -> str:
         """The control document's collection name."""
-        return self._lock.name
+        return self._lock.collection_name
 
     async def start(self, running: dict[str, Any]) -> None:
         """Name the migration about to run. Its own write, so that a taker can tell a holder
@@ -370,8 +383,7 @@ class HeldLock:
 
     async def release(self) -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing."""
-        update = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
-        await self.write(lambda: self._fenced(update))
+        await self.write(lambda: self._fenced(_RELEASED))
 
     async def stick(self, failure: dict[str, Any]) -> None:
         """Leave the lock held on purpose with the failure recorded, for an operator."""
@@ -391,9 +403,9 @@ class HeldLock:
 
     async def heartbeat(self) -> bool:
         """Refresh the lease on the server's clock; ``False`` once the lock is no longer ours."""
+        self._refuse_if_lost()
         result = await self._lock.collection.update_one(
-            {"_id": CONTROL_ID, "locked": True, "token": self.token},
-            {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}},
+            _fence(self.token), {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}}
         )
         return bool(result.matched_count)
 
@@ -444,7 +456,7 @@ class HeldLock:
         """The error that says this lock was lost ``during`` something."""
         lock = self._lock
         return LockLost(
-            token=self.token, collection=lock.name, lease=lock.owner.lease, during=during
+            token=self.token, collection=lock.collection_name, lease=lock.owner.lease, during=during
         )
 
     async def write(self, write: Callable[[], Awaitable[T]]) -> T:
@@ -462,6 +474,8 @@ class HeldLock:
                     reraise=True,
                 ):
                     with attempt:
+                        # Again before every retry: the heartbeat may have given up meanwhile.
+                        self._refuse_if_lost()
                         return await write()
             except ConnectionFailure as exc:
                 raise DatabaseUnavailable(
@@ -475,7 +489,7 @@ class HeldLock:
 
     async def _fenced(self, update: dict[str, Any], session: Any = None) -> None:
         doc = await self._lock.collection.find_one_and_update(
-            {"_id": CONTROL_ID, "locked": True, "token": self.token},
+            _fence(self.token),
             update,
             return_document=ReturnDocument.AFTER,
             session=session,
@@ -497,6 +511,15 @@ def describe_lock(control: Control, lease: Lease) -> str:
     if lease.lease is None:
         return f"locked at version {control.version} with no owner recorded"
     return f"held by {control.describe_owner()} (forced)"
+
+
+# Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
+_RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
+
+
+def _fence(token: int) -> dict[str, Any]:
+    """A filter matching the control document only while ``token``'s holder has the lock."""
+    return {"_id": CONTROL_ID, "locked": True, "token": token}
 
 
 def _taken_by(owner: Owner) -> dict[str, Any]:

@@ -224,7 +224,7 @@ class Runner:
         """The lock, if this process may have it now; ``None`` to read again."""
         if control.stuck:
             if not self._may_retry(control):
-                raise ControlLocked("stuck", control, collection=self.lock.name)
+                raise ControlLocked("stuck", control, collection=self.lock.collection_name)
             return await self._retry_failed(control)
         if not control.locked:
             await self._check_transactions(plan)
@@ -331,7 +331,7 @@ class Runner:
             raise ControlLocked(
                 "stuck" if last.stuck else "wait_timeout",
                 last,
-                collection=self.lock.name,
+                collection=self.lock.collection_name,
                 wait_timeout=self.settings.wait_timeout,
             )
         raise DatabaseUnavailable(

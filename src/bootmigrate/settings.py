@@ -2,7 +2,13 @@
 
 ``migrate()`` builds one from its keywords; the integrations build one when the app is
 created (so a misspelt or wrong option fails there, not at boot); the CLI builds one from its
-flags and environment. Nothing downstream checks an option again.
+flags and environment. Each one is checked when it is made (or updated), and the code that
+reads it trusts it.
+
+A bad value raises ``ValueError`` naming the option (``InvalidTarget``, also a
+``ValueError``, for a target or rerun version), whether its type or its value is wrong, as
+``migrate()`` always has; an unknown option name raises ``TypeError``, as an unknown keyword
+argument does.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ class Settings:
     migration's ``up`` again. ``max_poll_interval``: the longest sleep between two looks at
     a held lock. ``stream_idle_wait``: how long the server holds a waiter's idle change-stream
     read. ``max_write_retry_interval``: the longest pause between a holder's retries of a
-    write that lost its connection (it retries for at most one lease).
+    write that lost its connection (it retries for at most one lease). Those two follow
+    ``max_poll_interval`` unless given.
     ``migration_timeout``: seconds each migration may run (a module's ``timeout`` wins).
     ``validate``: refuse to run if an applied migration's code changed.
     ``retry_failed_on_new_build``: a different build may retry a migration that failed.
@@ -54,27 +61,24 @@ class Settings:
     floor_release: str | None = None
     rerun: int | None = None
     max_poll_interval: float = 2.0
-    stream_idle_wait: float = 2.0
-    max_write_retry_interval: float = 2.0
+    stream_idle_wait: float | None = None
+    max_write_retry_interval: float | None = None
     migration_timeout: float | None = None
     validate: bool = False
     retry_failed_on_new_build: bool = False
 
     def __post_init__(self) -> None:
-        for name in (
-            "wait_timeout",
-            "lease",
-            "max_poll_interval",
-            "stream_idle_wait",
-            "max_write_retry_interval",
-        ):
+        for name in ("wait_timeout", "lease", "max_poll_interval"):
             _seconds(name, getattr(self, name))
-        if self.migration_timeout is not None:
-            _seconds("migration_timeout", self.migration_timeout)
+        for name in ("stream_idle_wait", "max_write_retry_interval", "migration_timeout"):
+            if getattr(self, name) is not None:
+                _seconds(name, getattr(self, name))
         _target(self.target)
         _choice("fresh", self.fresh, ("run", "skip"))
         _choice("on_ahead", self.on_ahead, ("warn", "error"))
         _collection("collection", self.collection)
+        if self.history_collection == "":
+            object.__setattr__(self, "history_collection", None)  # empty: the default, as before
         if self.history_collection is not None:
             _collection("history_collection", self.history_collection)
         _version("floor", self.floor, lowest=0, error=ValueError)
@@ -83,7 +87,8 @@ class Settings:
         _text("floor_release", self.floor_release)
         for name in ("validate", "retry_failed_on_new_build"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                # Not truthiness: validate="false" would otherwise mean True.
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def history_name(self) -> str:
@@ -93,10 +98,13 @@ class Settings:
     @property
     def waiting(self) -> WaitPolicy:
         """How waiters poll and follow the lock, and how a holder retries its writes."""
+        poll = self.max_poll_interval
         return WaitPolicy(
-            max_poll_interval=self.max_poll_interval,
-            stream_idle_wait=self.stream_idle_wait,
-            max_write_retry_interval=self.max_write_retry_interval,
+            max_poll_interval=poll,
+            stream_idle_wait=poll if self.stream_idle_wait is None else self.stream_idle_wait,
+            max_write_retry_interval=(
+                poll if self.max_write_retry_interval is None else self.max_write_retry_interval
+            ),
         )
 
     def updated(self, **changes: Any) -> Settings:
@@ -113,7 +121,7 @@ class Settings:
 
 def _seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
 
@@ -149,4 +157,4 @@ def _version(name: str, value: object, *, lowest: int, error: type[ValueError]) 
 
 def _text(name: str, value: object) -> None:
     if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be text, got {value!r}")
+        raise ValueError(f"{name} must be text, got {value!r}")
