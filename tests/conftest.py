@@ -13,8 +13,10 @@ import anyio
 import pytest
 from pymongo import MongoClient
 
-from tests.cli_support import STEP, Cli
-from tests.support import DRIVERS, SecantusDaemon, close_client, make_client, write_migrations
+from tests.clients import DRIVERS, close_client, make_client
+from tests.migration_files import STEP, write_migrations
+from tests.operator_cli import Cli
+from tests.server import SecantusDaemon
 
 
 @pytest.fixture(scope="session")

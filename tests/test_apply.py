@@ -8,8 +8,8 @@ import pytest
 from pymongo import monitoring
 
 from bootmigrate import InvalidTarget, Migration, migrate
-from tests.helpers import control, history, ran, recorders
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import control, history, ran, recorders
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from bootmigrate import migrate
 from examples import aiohttp_app, fastapi_app
 from examples.settings import MIGRATIONS, Settings
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
 
 OLD_SHAPE = [
     {

@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from bootmigrate import ControlLocked, Migration, MigrationFailed, migrate
-from tests.helpers import announce, control, history, ran, recorder
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import announce, control, history, ran, recorder
 
 pytestmark = pytest.mark.anyio
 

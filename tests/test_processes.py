@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_until
+from tests.processes import Worker, start_blocked_holder
 
 pytestmark = pytest.mark.multiprocess
 

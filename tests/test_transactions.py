@@ -9,8 +9,8 @@ import anyio
 import pytest
 
 from bootmigrate import InvalidMigrations, Migration, MigrationFailed, migrate
-from tests.helpers import control, dead_holder_lock, history, recorder
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import control, dead_holder_lock, history, recorder
 
 pytestmark = pytest.mark.anyio
 

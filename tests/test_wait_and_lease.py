@@ -9,8 +9,8 @@ import anyio
 import pytest
 
 from bootmigrate import ControlLocked, LockLost, Migration, migrate
-from tests.helpers import control, dead_holder_lock, history, ran, recorder, recorders
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import control, dead_holder_lock, history, ran, recorder, recorders
 
 pytestmark = pytest.mark.anyio
 

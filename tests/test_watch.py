@@ -9,8 +9,8 @@ import pytest
 
 from bootmigrate import migrate
 from bootmigrate.watch import ControlWatch
-from tests.helpers import recorders
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import recorders
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.conftest import double_applies, record, scale
-from tests.support import Worker, recording_migrations
+from tests.migration_files import recording_migrations
+from tests.processes import Worker
 
 MIGRATIONS = 3
 

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import double_applies, record
-from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_until
+from tests.processes import Worker, start_blocked_holder
 
 # Where Debian and others install the multi-threaded preload library, whatever the arch.
 FOUND = sorted(

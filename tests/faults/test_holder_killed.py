@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import double_applies, record, scale
-from tests.support import Worker, recording_migrations, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_until
+from tests.processes import Worker
 
 LEASE = 1.0
 

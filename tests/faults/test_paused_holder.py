@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import record, scale
-from tests.support import Worker, recording_migrations, start_blocked_holder
+from tests.migration_files import recording_migrations
+from tests.processes import Worker, start_blocked_holder
 
 LEASE = 1.0
 

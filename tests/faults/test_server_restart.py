@@ -16,7 +16,10 @@ import pytest
 from pymongo import MongoClient
 
 from tests.faults.conftest import double_applies, record, scale
-from tests.support import SecantusDaemon, Worker, recording_migrations, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_until
+from tests.processes import Worker
+from tests.server import SecantusDaemon
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("MONGODB_URI")), reason="kills and restarts its own test server"

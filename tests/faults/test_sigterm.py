@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.conftest import record
-from tests.support import Worker, recording_migrations, start_blocked_holder
+from tests.migration_files import recording_migrations
+from tests.processes import Worker, start_blocked_holder
 
 STABLE = ("_id", "locked", "version", "token", "owner", "locked_at", "running", "failure")
 
