@@ -10,7 +10,7 @@ from typing import Any
 
 from tests.faults.conftest import double_applies, record, scale
 from tests.migration_files import recording_migrations
-from tests.processes import Worker
+from tests.processes import Replicas, race
 
 MIGRATIONS = 3
 
@@ -22,36 +22,15 @@ def test_boot_storms(sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path) 
         db = sync_db.client[f"{sync_db.name}_{storm}"]
         try:
             durations = [round(rng.uniform(0.0, 0.3), 3) for _ in range(MIGRATIONS)]
-            storm_once(db, mongo_uri, driver, tmp_path / str(storm), durations, processes)
+            migrations = recording_migrations(tmp_path / str(storm), MIGRATIONS, durations)
+            storm_once(Replicas(mongo_uri, db, driver, migrations), processes)
         finally:
             sync_db.client.drop_database(db.name)
 
 
-def storm_once(
-    db: Any, mongo_uri: str, driver: str, tmp: Path, durations: list[float], processes: int
-) -> None:
-    migrations = recording_migrations(tmp, MIGRATIONS, seconds=durations)
-    workers = [
-        Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            barrier=True,
-            wait_timeout=120,
-            lease=5,
-        )
-        for _ in range(processes)
-    ]
-    try:
-        for worker in workers:
-            assert worker.read_event()["event"] == "ready"
-        for worker in workers:
-            worker.go()
-        results = [worker.result() for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
+def storm_once(replicas: Replicas, processes: int) -> None:
+    results = race(replicas, processes, wait_timeout=120, lease=5)
+    db = replicas.db
 
     versions = [d["version"] for d in db.ran.find()]
     record(

@@ -12,7 +12,7 @@ import pytest
 
 from tests.faults.conftest import record, scale
 from tests.migration_files import recording_migrations
-from tests.processes import Worker, start_blocked_holder
+from tests.processes import Replicas, boot, start_blocked_holder, start_paused_holder
 
 LEASE = 1.0
 
@@ -38,30 +38,14 @@ def test_paused_holder_is_fenced(
 
 
 def check_fenced(db: Any, mongo_uri: str, driver: str, tmp: Path, where: str) -> None:
-    migrations = recording_migrations(tmp, 3, idempotent=True)
+    replicas = Replicas(mongo_uri, db, driver, recording_migrations(tmp, 3, idempotent=True))
     if where == "inside a migration":
-        holder = start_blocked_holder(db, mongo_uri, driver, migrations, 2, lease=LEASE)
+        holder = start_blocked_holder(replicas, 2, lease=LEASE)
         os.kill(holder.pid, signal.SIGSTOP)
     else:
-        holder = Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            pause_on="applied migration 0001",
-            lease=LEASE,
-        )
-        assert [holder.read_event()["event"] for _ in range(2)] == ["ready", "paused"]
+        holder = start_paused_holder(replicas, "applied migration 0001", lease=LEASE)
     try:
-        taker = Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            lease=LEASE,
-            wait_timeout=60,
-        )
-        taken = taker.result()
+        taken = boot(replicas, lease=LEASE, wait_timeout=60)
         assert taken["exit_code"] == 0 and taken["holder"], taken
         settled = snapshot(db)
 

@@ -18,7 +18,7 @@ from pymongo import MongoClient
 from tests.faults.conftest import double_applies, record, scale
 from tests.migration_files import recording_migrations
 from tests.polling import wait_until
-from tests.processes import Worker
+from tests.processes import Replicas
 from tests.server import SecantusDaemon
 
 pytestmark = pytest.mark.skipif(
@@ -58,26 +58,10 @@ def check_restart(server: SecantusDaemon, driver: str, tmp: Path, name: str) -> 
     client: MongoClient[dict[str, Any]] = MongoClient(server.uri, serverSelectionTimeoutMS=20000)
     db = client[name]
     try:
-        holder = Worker.start(
-            uri=server.uri,
-            db=name,
-            driver=driver,
-            migrations=migrations,
-            lease=lease,
-            wait_timeout=60,
-        )
+        replicas = Replicas(server.uri, db, driver, migrations)
+        holder = replicas.start(lease=lease, wait_timeout=60)
         wait_until(lambda: db.ran.find_one({"version": 1}), 30, "the holder to enter migration 1")
-        waiters = [
-            Worker.start(
-                uri=server.uri,
-                db=name,
-                driver=driver,
-                migrations=migrations,
-                lease=lease,
-                wait_timeout=60,
-            )
-            for _ in range(2)
-        ]
+        waiters = [replicas.start(lease=lease, wait_timeout=60) for _ in range(2)]
         for waiter in waiters:
             assert waiter.read_event()["event"] == "ready"
 
