@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 DRIVERS = ("motor", "pymongo")
@@ -23,3 +25,13 @@ async def close_client(client: Any) -> None:
     result = client.close()
     if hasattr(result, "__await__"):
         await result
+
+
+@asynccontextmanager
+async def open_client(driver: str, uri: str, **options: Any) -> AsyncIterator[Any]:
+    """A client from :func:`make_client`, closed when the block ends."""
+    client = make_client(driver, uri, **options)
+    try:
+        yield client
+    finally:
+        await close_client(client)

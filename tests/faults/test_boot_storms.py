@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.databases import run_database
 from tests.faults.conftest import double_applies, record, scale
 from tests.migration_files import recording_migrations
 from tests.processes import Replicas, race
@@ -19,13 +20,10 @@ def test_boot_storms(sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path) 
     storms, processes = scale(2, 20), scale(12, 32)
     rng = random.Random(f"{driver}-{storms}-{processes}")
     for storm in range(storms):
-        db = sync_db.client[f"{sync_db.name}_{storm}"]
-        try:
+        with run_database(sync_db, storm) as db:
             durations = [round(rng.uniform(0.0, 0.3), 3) for _ in range(MIGRATIONS)]
             migrations = recording_migrations(tmp_path / str(storm), MIGRATIONS, durations)
             storm_once(Replicas(mongo_uri, db, driver, migrations), processes)
-        finally:
-            sync_db.client.drop_database(db.name)
 
 
 def storm_once(replicas: Replicas, processes: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.databases import run_database
 from tests.faults.conftest import double_applies, record, scale
 from tests.migration_files import recording_migrations
 from tests.polling import wait_past_lease
@@ -46,16 +47,14 @@ def kill_holder(replicas: Replicas, point: str) -> int:
 def test_next_process_resumes_after_a_kill(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, point: str
 ) -> None:
+    migrations = recording_migrations(tmp_path, 3)  # not idempotent
     for run in range(scale(1, 4)):
-        db = sync_db.client[f"{sync_db.name}_{run}"]
-        try:
-            check_resume(db, mongo_uri, driver, tmp_path / str(run), point)
-        finally:
-            sync_db.client.drop_database(db.name)
+        with run_database(sync_db, run) as db:
+            check_resume(Replicas(mongo_uri, db, driver, migrations), point)
 
 
-def check_resume(db: Any, mongo_uri: str, driver: str, tmp: Path, point: str) -> None:
-    replicas = Replicas(mongo_uri, db, driver, recording_migrations(tmp, 3))  # not idempotent
+def check_resume(replicas: Replicas, point: str) -> None:
+    db = replicas.db
     dead = kill_holder(replicas, point)
     record("2 holder killed", runs=1, processes=2, faults=1)
     if point == "inside a migration":

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.databases import run_database
 from tests.faults.conftest import record, scale
 from tests.migration_files import recording_migrations
 from tests.processes import Replicas, boot, start_blocked_holder, start_paused_holder
@@ -29,16 +30,14 @@ def snapshot(db: Any) -> tuple[Any, ...]:
 def test_paused_holder_is_fenced(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, where: str
 ) -> None:
+    migrations = recording_migrations(tmp_path, 3, idempotent=True)
     for run in range(scale(1, 5)):
-        db = sync_db.client[f"{sync_db.name}_{run}"]
-        try:
-            check_fenced(db, mongo_uri, driver, tmp_path / str(run), where)
-        finally:
-            sync_db.client.drop_database(db.name)
+        with run_database(sync_db, run) as db:
+            check_fenced(Replicas(mongo_uri, db, driver, migrations), where)
 
 
-def check_fenced(db: Any, mongo_uri: str, driver: str, tmp: Path, where: str) -> None:
-    replicas = Replicas(mongo_uri, db, driver, recording_migrations(tmp, 3, idempotent=True))
+def check_fenced(replicas: Replicas, where: str) -> None:
+    db = replicas.db
     if where == "inside a migration":
         holder = start_blocked_holder(replicas, 2, lease=LEASE)
         os.kill(holder.pid, signal.SIGSTOP)

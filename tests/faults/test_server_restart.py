@@ -10,11 +10,10 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pymongo import MongoClient
 
+from tests.databases import sync_database
 from tests.faults.conftest import double_applies, record, scale
 from tests.migration_files import recording_migrations
 from tests.polling import wait_until
@@ -55,9 +54,7 @@ def test_restart_while_migrating_and_waiting(
 def check_restart(server: SecantusDaemon, driver: str, tmp: Path, name: str) -> None:
     lease = 6.0
     migrations = recording_migrations(tmp, 3, seconds=[3.0, 0.0, 0.0])
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, serverSelectionTimeoutMS=20000)
-    db = client[name]
-    try:
+    with sync_database(server.uri, name, serverSelectionTimeoutMS=20000) as db:
         replicas = Replicas(server.uri, db, driver, migrations)
         holder = replicas.start(lease=lease, wait_timeout=60)
         wait_until(lambda: db.ran.find_one({"version": 1}), 30, "the holder to enter migration 1")
@@ -86,6 +83,3 @@ def check_restart(server: SecantusDaemon, driver: str, tmp: Path, name: str) -> 
         assert (control["locked"], control["version"], control["token"]) == (False, 3, 1)
         outcomes = Counter((h["version"], h["outcome"]) for h in db.migrations_history.find())
         assert outcomes == {(1, "applied"): 1, (2, "applied"): 1, (3, "applied"): 1}
-    finally:
-        client.drop_database(name)
-        client.close()
