@@ -41,12 +41,8 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("MONGODB_URI"):
         yield os.environ["MONGODB_URI"]
         return
-    server = SecantusDaemon(tmp_path_factory.mktemp("secantus"))
-    server.start()
-    try:
+    with SecantusDaemon(tmp_path_factory.mktemp("secantus")) as server:
         yield server.uri
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +50,8 @@ def standalone_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server that presents itself as standalone, so it refuses change streams."""
     if os.environ.get("MONGODB_URI"):
         pytest.skip("needs a standalone server of its own")
-    server = SecantusDaemon(Path(tmp_path_factory.mktemp("standalone")), None, "--standalone")
-    server.start()
-    yield server.uri
-    server.stop()
+    with SecantusDaemon(tmp_path_factory.mktemp("standalone"), None, "--standalone") as server:
+        yield server.uri
 
 
 @pytest.fixture(params=DRIVERS)

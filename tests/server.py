@@ -71,6 +71,18 @@ class SecantusDaemon:
         finally:
             client.close()
 
+    def __enter__(self) -> SecantusDaemon:
+        """Start the server and wait until it accepts connections."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # one that never came up must not outlive the test
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.process is None:
             return

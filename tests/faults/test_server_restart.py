@@ -30,10 +30,8 @@ DOWN_FOR = 1.0  # seconds the server stays dead
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[SecantusDaemon]:
     # Acknowledged writes must survive SIGKILL, as they do on a real server with a journal.
-    daemon = SecantusDaemon(tmp_path / "data", None, "--sync-on-commit")
-    daemon.start()
-    yield daemon
-    daemon.stop()
+    with SecantusDaemon(tmp_path / "data", None, "--sync-on-commit") as daemon:
+        yield daemon
 
 
 def restart(server: SecantusDaemon) -> None:
