@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.clients import DRIVERS, close_client, make_client
+from tests.clients import DRIVERS, open_client
 from tests.databases import new_db_name, sync_database
 from tests.migration_files import STEP, write_migrations
 from tests.operator_cli import Cli
@@ -66,9 +66,8 @@ def db_name() -> str:
 
 @pytest.fixture
 async def client(driver: str, mongo_uri: str) -> AsyncIterator[Any]:
-    client = make_client(driver, mongo_uri, serverSelectionTimeoutMS=5000)
-    yield client
-    await close_client(client)
+    async with open_client(driver, mongo_uri, serverSelectionTimeoutMS=5000) as client:
+        yield client
 
 
 @pytest.fixture
