@@ -22,7 +22,7 @@ def test_boot_storms(sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path) 
     for storm in range(storms):
         with run_database(sync_db, storm) as db:
             durations = [round(rng.uniform(0.0, 0.3), 3) for _ in range(MIGRATIONS)]
-            migrations = recording_migrations(tmp_path / str(storm), MIGRATIONS, durations)
+            migrations = recording_migrations(tmp_path / str(storm), MIGRATIONS, seconds=durations)
             storm_once(Replicas(mongo_uri, db, driver, migrations), processes)
 
 
