@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from pymongo import MongoClient
 
-from tests.cli_support import STEP, Cli
-from tests.support import DRIVERS, SecantusDaemon, close_client, make_client, write_migrations
+from tests.clients import DRIVERS, open_client
+from tests.databases import new_db_name, sync_database
+from tests.migration_files import STEP, write_migrations
+from tests.operator_cli import Cli
+from tests.server import SecantusDaemon
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +43,8 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("MONGODB_URI"):
         yield os.environ["MONGODB_URI"]
         return
-    server = SecantusDaemon(tmp_path_factory.mktemp("secantus"))
-    server.start()
-    try:
+    with SecantusDaemon(tmp_path_factory.mktemp("secantus")) as server:
         yield server.uri
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +52,8 @@ def standalone_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server that presents itself as standalone, so it refuses change streams."""
     if os.environ.get("MONGODB_URI"):
         pytest.skip("needs a standalone server of its own")
-    server = SecantusDaemon(Path(tmp_path_factory.mktemp("standalone")), None, "--standalone")
-    server.start()
-    yield server.uri
-    server.stop()
+    with SecantusDaemon(tmp_path_factory.mktemp("standalone"), None, "--standalone") as server:
+        yield server.uri
 
 
 @pytest.fixture(params=DRIVERS)
@@ -68,14 +63,13 @@ def driver(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def db_name() -> str:
-    return f"bm_{uuid.uuid4().hex[:12]}"
+    return new_db_name()
 
 
 @pytest.fixture
 async def client(driver: str, mongo_uri: str) -> AsyncIterator[Any]:
-    client = make_client(driver, mongo_uri, serverSelectionTimeoutMS=5000)
-    yield client
-    await close_client(client)
+    async with open_client(driver, mongo_uri, serverSelectionTimeoutMS=5000) as client:
+        yield client
 
 
 @pytest.fixture
@@ -87,10 +81,8 @@ async def db(client: Any, db_name: str) -> AsyncIterator[Any]:
 @pytest.fixture
 def sync_db(mongo_uri: str, db_name: str) -> Iterator[Any]:
     """The same database through the synchronous driver, for a test's own reads and writes."""
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    yield client[db_name]
-    client.drop_database(db_name)
-    client.close()
+    with sync_database(mongo_uri, db_name) as db:
+        yield db
 
 
 class LogRecorder(logging.Handler):
@@ -135,7 +127,7 @@ def bootmigrate_log() -> Iterator[LogRecorder]:
 
 
 @pytest.fixture
-def cli(mongo_uri: str, db_name: str, driver: str, tmp_path: Path) -> Iterator[Cli]:
+def cli(mongo_uri: str, sync_db: Any, driver: str, tmp_path: Path) -> Cli:
     """The operator CLI as a subprocess, on a database and migrations of its own."""
     migrations = write_migrations(
         tmp_path / "migrations", {f"000{v}_step_{v}.py": STEP.format(v=v) for v in (1, 2, 3)}
@@ -143,11 +135,8 @@ def cli(mongo_uri: str, db_name: str, driver: str, tmp_path: Path) -> Iterator[C
     env = {
         **os.environ,
         "MONGODB_URI": mongo_uri,
-        "BOOTMIGRATE_DB": db_name,
+        "BOOTMIGRATE_DB": sync_db.name,
         "BOOTMIGRATE_MIGRATIONS": str(migrations),
         "BOOTMIGRATE_DRIVER": driver,
     }
-    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
-    yield Cli(env, client[db_name], migrations)
-    client.drop_database(db_name)
-    client.close()
+    return Cli(env, sync_db, migrations)

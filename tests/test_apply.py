@@ -8,8 +8,8 @@ import pytest
 from pymongo import monitoring
 
 from bootmigrate import InvalidTarget, Migration, migrate
-from tests.helpers import control, history, ran, recorders
-from tests.support import close_client, make_client
+from tests.clients import open_client
+from tests.in_process import control, history, ran, recorders
 
 pytestmark = pytest.mark.anyio
 
@@ -73,9 +73,8 @@ class CommandLog(monitoring.CommandListener):
 @pytest.fixture
 async def watched(driver: str, mongo_uri: str, db_name: str) -> Any:
     commands = CommandLog()
-    client = make_client(driver, mongo_uri, event_listeners=[commands])
-    yield client[db_name], commands
-    await close_client(client)
+    async with open_client(driver, mongo_uri, event_listeners=[commands]) as client:
+        yield client[db_name], commands
 
 
 async def test_up_to_date_boot_costs_one_read_and_no_write(db: Any, watched: Any) -> None:

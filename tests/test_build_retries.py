@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bootmigrate import ControlLocked, migrate
-from tests.helpers import control, dead_holder_lock, history, ran, recorders
+from tests.in_process import control, dead_holder_lock, history, ran, recorders
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from bootmigrate import Migration, migrate
-from tests.helpers import control, history, ran, recorder
+from tests.in_process import control, history, ran, recorder
 
 pytestmark = pytest.mark.anyio
 

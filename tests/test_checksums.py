@@ -10,7 +10,7 @@ import pytest
 
 from bootmigrate import InvalidMigrations, Migration, migrate
 from bootmigrate.commands import validate
-from tests.support import write_migrations
+from tests.migration_files import write_migrations
 
 pytestmark = pytest.mark.anyio
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_support import BROKEN, STEP, Cli
-from tests.support import free_port
+from tests.migration_files import BROKEN, STEP
+from tests.operator_cli import Cli
+from tests.server import free_port
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bootmigrate import InvalidControlDocument, migrate
-from tests.helpers import control, ran, recorders
+from tests.in_process import control, ran, recorders
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from bootmigrate import migrate
 from examples import aiohttp_app, fastapi_app
 from examples.settings import MIGRATIONS, Settings
-from tests.support import close_client, make_client
+from tests.clients import open_client
 
 OLD_SHAPE = [
     {
@@ -101,13 +101,10 @@ async def test_aiohttp_example_migrates_then_serves(config: Settings, sync_db: A
 async def test_example_migrations_go_down_to_the_old_shape(
     config: Settings, sync_db: Any, driver: str
 ) -> None:
-    client = make_client(driver, config.mongodb_uri)
-    try:
+    async with open_client(driver, config.mongodb_uri) as client:
         db = client[config.database]
         await migrate(db, Path(config.migrations))
         report = await migrate(db, Path(config.migrations), target=0)
-    finally:
-        await close_client(client)
 
     assert report.reverted == [4, 3, 2, 1]
     sample = sync_db.customers.find_one({"email": "c7@example.com"}, {"_id": 0})
@@ -118,14 +115,11 @@ async def test_example_migrations_go_down_to_the_old_shape(
 
 @pytest.mark.anyio
 async def test_the_backfill_is_safe_to_rerun(config: Settings, sync_db: Any, driver: str) -> None:
-    client = make_client(driver, config.mongodb_uri)
-    try:
+    async with open_client(driver, config.mongodb_uri) as client:
         db = client[config.database]
         await migrate(db, Path(config.migrations))
         sync_db.customers.update_one({"email": "c3@example.com"}, {"$unset": {"display_name": ""}})
         report = await migrate(db, Path(config.migrations), rerun=2)
-    finally:
-        await close_client(client)
 
     assert report.applied == [2]
     assert sync_db.customers.find_one({"email": "c3@example.com"})["display_name"] == "Ada3 Byron"

@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from bootmigrate import ControlLocked, Migration, MigrationFailed, migrate
-from tests.helpers import announce, control, history, ran, recorder
-from tests.support import close_client, make_client
+from tests.clients import open_client
+from tests.in_process import announce, control, history, ran, recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -71,30 +71,27 @@ async def test_waiter_fails_fast_naming_the_failed_version(
 ) -> None:
     gate, locked = anyio.Event(), anyio.Event()
     migrations = [recorder(1, before=announce(locked)), flaky(2, {"value": True}, gate)]
-    waiter_client = make_client(driver, mongo_uri)
     outcome: dict[str, BaseException] = {}
 
     async def hold() -> None:
         with pytest.raises(MigrationFailed):
             await migrate(db, migrations)
 
-    async def wait() -> None:
+    async def wait(waiter_db: Any) -> None:
         try:
-            await migrate(waiter_client[db_name], migrations, wait_timeout=120)
+            await migrate(waiter_db, migrations, wait_timeout=120)
         except BaseException as exc:
             outcome["waiter"] = exc
 
-    try:
+    async with open_client(driver, mongo_uri) as waiter_client:
         # Fail fast means: well before the 120 s wait_timeout.
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(hold)
                 await locked.wait()
-                tasks.start_soon(wait)
+                tasks.start_soon(wait, waiter_client[db_name])
                 await bootmigrate_log.wait_for("waiting for")
                 gate.set()
-    finally:
-        await close_client(waiter_client)
 
     error = outcome["waiter"]
     assert isinstance(error, ControlLocked)

@@ -16,8 +16,8 @@ from starlette.testclient import TestClient
 from bootmigrate import ControlLocked, MigrationReport
 from bootmigrate.integrations.aiohttp import REPORT, migrate_context
 from bootmigrate.integrations.fastapi import migrate_lifespan
-from tests.helpers import recorders
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import recorders
 
 
 def fastapi_app(driver: str, uri: str, db_name: str, **options: Any) -> FastAPI:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bootmigrate import InvalidMigrations, Migration, load_migrations, migrate
-from tests.support import write_migrations
+from tests.migration_files import write_migrations
 
 GOOD = "async def up(db):\n    await db.ran.insert_one({'ok': 1})\n"
 

@@ -8,7 +8,7 @@ import pytest
 
 from bootmigrate import InvalidTarget, migrate
 from bootmigrate.envvar import VersionRequest, parse_version_request
-from tests.helpers import control, ran, recorders
+from tests.in_process import control, ran, recorders
 
 
 @pytest.mark.parametrize(

@@ -10,52 +10,32 @@ from typing import Any
 
 import pytest
 
-from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_past_lease
+from tests.processes import Replicas, boot, race, start_blocked_holder
 
 pytestmark = pytest.mark.multiprocess
 
 RACERS = 16
 
 
-def server_now(db: Any) -> Any:
-    return db.command("hello")["localTime"]
-
-
 def test_boot_race_runs_each_migration_exactly_once(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
     migrations = recording_migrations(tmp_path / "m", 3, seconds=0.3)
-    workers = [
-        Worker.start(
-            uri=mongo_uri,
-            db=sync_db.name,
-            driver=driver,
-            migrations=migrations,
-            barrier=True,
-            wait_timeout=60,
-            lease=5,
-        )
-        for _ in range(RACERS)
-    ]
-    try:
-        for worker in workers:
-            assert worker.read_event()["event"] == "ready"
-        for worker in workers:  # all connected and waiting: release them together
-            worker.go()
-        results = [worker.result() for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+
+    results = race(replicas, RACERS, wait_timeout=60, lease=5)
 
     assert [r["exit_code"] for r in results] == [0] * RACERS, results
-    holders = [(w.pid, r) for w, r in zip(workers, results, strict=True) if r["holder"]]
+    holders = [r for r in results if r["holder"]]
     assert len(holders) == 1, results
-    holder_pid, holder = holders[0]
+    holder = holders[0]
     assert holder["applied"] == [1, 2, 3]
     assert all(r["applied"] == [] and r["to_version"] == 3 for r in results if not r["holder"])
     ran = list(sync_db.ran.find({}, {"_id": 0, "version": 1, "pid": 1}))
     assert Counter(d["version"] for d in ran) == {1: 1, 2: 1, 3: 1}
-    assert {d["pid"] for d in ran} == {holder_pid}
+    assert {d["pid"] for d in ran} == {holder["pid"]}
     control = sync_db.migrations.find_one({"_id": "control"})
     assert (control["locked"], control["version"], control["token"]) == (False, 3, 1)
     outcomes = [(h["version"], h["outcome"]) for h in sync_db.migrations_history.find()]
@@ -68,21 +48,14 @@ def test_killed_holder_is_taken_over_only_after_its_lease(
 ) -> None:
     lease = 1.5
     migrations = recording_migrations(tmp_path / "m", 3, idempotent=idempotent)
-    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations, 1, lease=lease)
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    holder = start_blocked_holder(replicas, 1, lease=lease)
     os.kill(holder.pid, signal.SIGKILL)
     holder.kill()
     dead = sync_db.migrations.find_one({"_id": "control"})
     assert dead["locked"] and dead["running"]["version"] == 1
 
-    taker = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        lease=lease,
-        wait_timeout=30,
-    )
-    result = taker.result()
+    result = boot(replicas, lease=lease, wait_timeout=30)
 
     if not idempotent:
         assert (result["exit_code"], result["error"]) == (1, "ControlLocked")
@@ -93,7 +66,7 @@ def test_killed_holder_is_taken_over_only_after_its_lease(
         return
     assert result["exit_code"] == 0, result
     assert (result["holder"], result["applied"]) == (True, [1, 2, 3])
-    rerun = sync_db.ran.find_one({"version": 1, "pid": taker.pid})
+    rerun = sync_db.ran.find_one({"version": 1, "pid": result["pid"]})
     # Both instants are the server's: the takeover came a full lease after the last beat.
     # Whether the taker had to wait depends on how long it took to start, so only the
     # server's clock decides this test.
@@ -109,25 +82,14 @@ def test_paused_holder_is_fenced_and_writes_nothing_when_resumed(
 ) -> None:
     lease = 1.5
     migrations = recording_migrations(tmp_path / "m", 2, idempotent=True)
-    holder = start_blocked_holder(sync_db, mongo_uri, driver, migrations, 1, lease=lease)
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    holder = start_blocked_holder(replicas, 1, lease=lease)
     try:
         os.kill(holder.pid, signal.SIGSTOP)
         paused = sync_db.migrations.find_one({"_id": "control"})
-        wait_until(
-            lambda: (server_now(sync_db) - paused["heartbeat"]).total_seconds() > lease,
-            30,
-            "the paused holder's lease to expire",
-        )
+        wait_past_lease(sync_db, paused["heartbeat"], lease, "the paused holder's")
 
-        taker = Worker.start(
-            uri=mongo_uri,
-            db=sync_db.name,
-            driver=driver,
-            migrations=migrations,
-            lease=lease,
-            wait_timeout=30,
-        )
-        taken = taker.result()
+        taken = boot(replicas, lease=lease, wait_timeout=30)
         assert taken["exit_code"] == 0, taken
         assert (taken["holder"], taken["applied"]) == (True, [1, 2])
         settled = sync_db.migrations.find_one({"_id": "control"})

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_support import BROKEN, STEP, Cli
+from tests.migration_files import BROKEN, STEP
+from tests.operator_cli import Cli
 
 RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 

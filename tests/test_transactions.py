@@ -9,8 +9,8 @@ import anyio
 import pytest
 
 from bootmigrate import InvalidMigrations, Migration, MigrationFailed, migrate
-from tests.helpers import control, dead_holder_lock, history, recorder
-from tests.support import close_client, make_client
+from tests.databases import async_database
+from tests.in_process import control, dead_holder_lock, history, recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -98,12 +98,7 @@ async def test_a_transaction_longer_than_half_the_lease_fails(db: Any) -> None:
 async def test_a_standalone_server_is_refused_before_anything_runs(
     driver: str, standalone_uri: str
 ) -> None:
-    client = make_client(driver, standalone_uri)
-    try:
-        db = client["tx_refused"]
+    async with async_database(driver, standalone_uri) as db:
         with pytest.raises(InvalidMigrations, match="does not support transactions"):
             await migrate(db, [recorder(1), transactional(2)])
         assert await db.list_collection_names() == []
-    finally:
-        await client.drop_database("tx_refused")
-        await close_client(client)

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from bootmigrate import DatabaseAhead, InvalidMigrations, UnsupportedUpgrade, migrate
-from tests.helpers import control, ran, recorders
+from bootmigrate.migrations import declared_floor
+from tests.in_process import control, ran, recorders
+from tests.migration_files import write_migrations
 
 pytestmark = pytest.mark.anyio
 
@@ -80,8 +82,6 @@ async def test_down_without_down_steps_is_refused_before_locking(db: Any) -> Non
 async def test_a_floor_declared_in_the_package_names_the_release_to_pass_through(
     db: Any, tmp_path: Any
 ) -> None:
-    from tests.support import write_migrations
-
     folder = write_migrations(
         tmp_path,
         {
@@ -102,8 +102,6 @@ async def test_a_floor_declared_in_the_package_names_the_release_to_pass_through
 
 
 async def test_an_explicit_floor_overrides_the_declared_one(db: Any, tmp_path: Any) -> None:
-    from tests.support import write_migrations
-
     folder = write_migrations(
         tmp_path,
         {
@@ -117,10 +115,6 @@ async def test_an_explicit_floor_overrides_the_declared_one(db: Any, tmp_path: A
 
 
 def test_a_malformed_declared_floor_is_refused(tmp_path: Any) -> None:
-    from bootmigrate import InvalidMigrations
-    from bootmigrate.migrations import declared_floor
-    from tests.support import write_migrations
-
     write_migrations(tmp_path, {"__init__.py": 'FLOOR = "233"\n'})
 
     with pytest.raises(InvalidMigrations, match=r"FLOOR in .* must be a non-negative version"):

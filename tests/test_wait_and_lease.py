@@ -9,8 +9,8 @@ import anyio
 import pytest
 
 from bootmigrate import ControlLocked, LockLost, Migration, migrate
-from tests.helpers import control, dead_holder_lock, history, ran, recorder, recorders
-from tests.support import close_client, make_client
+from tests.clients import open_client
+from tests.in_process import control, dead_holder_lock, history, ran, recorder, recorders
 
 pytestmark = pytest.mark.anyio
 
@@ -18,9 +18,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def other_db(driver: str, mongo_uri: str, db_name: str) -> Any:
     """The same database through a second client, as another replica would see it."""
-    client = make_client(driver, mongo_uri)
-    yield client[db_name]
-    await close_client(client)
+    async with open_client(driver, mongo_uri) as client:
+        yield client[db_name]
 
 
 async def test_waiter_returns_when_the_holder_finishes_without_taking_the_lock(

@@ -7,10 +7,11 @@ from typing import Any
 import anyio
 import pytest
 
-from bootmigrate import migrate
+from bootmigrate import Migration, migrate
 from bootmigrate.watch import ControlWatch
-from tests.helpers import recorders
-from tests.support import close_client, make_client
+from tests.clients import open_client
+from tests.databases import async_database
+from tests.in_process import recorders
 
 pytestmark = pytest.mark.anyio
 
@@ -45,9 +46,7 @@ async def test_changes_to_other_documents_do_not_wake(db: Any) -> None:
 
 
 async def test_standalone_servers_fall_back_to_sleeping(driver: str, standalone_uri: str) -> None:
-    client = make_client(driver, standalone_uri)
-    try:
-        db = client["watch_fallback"]
+    async with async_database(driver, standalone_uri) as db:
         await db.migrations.insert_one({"_id": "control", "locked": True, "version": 1})
         async with anyio.create_task_group() as tasks:
             watch = ControlWatch(db.migrations, tasks, idle_wait=1.0)
@@ -56,41 +55,33 @@ async def test_standalone_servers_fall_back_to_sleeping(driver: str, standalone_
             assert watch.available is False
             assert anyio.current_time() - started >= 0.45
             tasks.cancel_scope.cancel()
-        await client.drop_database("watch_fallback")
-    finally:
-        await close_client(client)
 
 
 async def test_waiters_on_a_standalone_server_still_see_the_holder_finish(
     driver: str, standalone_uri: str
 ) -> None:
-    holder_client = make_client(driver, standalone_uri)
-    waiter_client = make_client(driver, standalone_uri)
     release, inside = anyio.Event(), anyio.Event()
 
     async def slow(db: Any) -> None:
         inside.set()
         await release.wait()
 
-    from bootmigrate import Migration
-
     migrations = [Migration(version=1, up=slow, name="slow"), *recorders(2)]
     reports: dict[str, Any] = {}
-    try:
-        async with anyio.create_task_group() as tasks:
 
-            async def run(name: str, client: Any) -> None:
-                reports[name] = await migrate(client["fallback"], migrations, wait_timeout=30)
+    async def run(name: str, db: Any) -> None:
+        reports[name] = await migrate(db, migrations, wait_timeout=30)
 
-            tasks.start_soon(run, "holder", holder_client)
-            await inside.wait()
-            tasks.start_soon(run, "waiter", waiter_client)
-            await anyio.sleep(0.3)  # the fault: the holder keeps working this long
-            release.set()
-        await holder_client.drop_database("fallback")
-    finally:
-        await close_client(holder_client)
-        await close_client(waiter_client)
+    async with (
+        async_database(driver, standalone_uri) as holder_db,
+        open_client(driver, standalone_uri) as waiter_client,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(run, "holder", holder_db)
+        await inside.wait()
+        tasks.start_soon(run, "waiter", waiter_client[holder_db.name])
+        await anyio.sleep(0.3)  # the fault: the holder keeps working this long
+        release.set()
 
     assert reports["holder"].holder and reports["waiter"].to_version == 2
     assert not reports["waiter"].holder

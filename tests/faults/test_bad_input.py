@@ -20,8 +20,8 @@ from bootmigrate import (
     migrate,
 )
 from tests.faults.conftest import record
-from tests.helpers import recorders
-from tests.support import write_migrations
+from tests.in_process import recorders
+from tests.migration_files import write_migrations
 
 pytestmark = pytest.mark.anyio
 

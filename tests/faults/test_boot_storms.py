@@ -8,8 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.databases import run_database
 from tests.faults.conftest import double_applies, record, scale
-from tests.support import Worker, recording_migrations
+from tests.migration_files import recording_migrations
+from tests.processes import Replicas, race
 
 MIGRATIONS = 3
 
@@ -18,39 +20,15 @@ def test_boot_storms(sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path) 
     storms, processes = scale(2, 20), scale(12, 32)
     rng = random.Random(f"{driver}-{storms}-{processes}")
     for storm in range(storms):
-        db = sync_db.client[f"{sync_db.name}_{storm}"]
-        try:
+        with run_database(sync_db, storm) as db:
             durations = [round(rng.uniform(0.0, 0.3), 3) for _ in range(MIGRATIONS)]
-            storm_once(db, mongo_uri, driver, tmp_path / str(storm), durations, processes)
-        finally:
-            sync_db.client.drop_database(db.name)
+            migrations = recording_migrations(tmp_path / str(storm), MIGRATIONS, seconds=durations)
+            storm_once(Replicas(mongo_uri, db, driver, migrations), processes)
 
 
-def storm_once(
-    db: Any, mongo_uri: str, driver: str, tmp: Path, durations: list[float], processes: int
-) -> None:
-    migrations = recording_migrations(tmp, MIGRATIONS, seconds=durations)
-    workers = [
-        Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            barrier=True,
-            wait_timeout=120,
-            lease=5,
-        )
-        for _ in range(processes)
-    ]
-    try:
-        for worker in workers:
-            assert worker.read_event()["event"] == "ready"
-        for worker in workers:
-            worker.go()
-        results = [worker.result() for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
+def storm_once(replicas: Replicas, processes: int) -> None:
+    results = race(replicas, processes, wait_timeout=120, lease=5)
+    db = replicas.db
 
     versions = [d["version"] for d in db.ran.find()]
     record(

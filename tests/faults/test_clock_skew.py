@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import double_applies, record
-from tests.support import Worker, recording_migrations, start_blocked_holder, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_until
+from tests.processes import Replicas, boot, race, start_blocked_holder
 
 # Where Debian and others install the multi-threaded preload library, whatever the arch.
 FOUND = sorted(
@@ -48,28 +50,10 @@ def test_skewed_waiters_never_take_over_a_live_holder(
     lease = 2.5
     # Migration 1 runs for three leases while waiters whose clocks run 10 minutes ahead poll.
     migrations = recording_migrations(tmp_path, 2, seconds=[3 * lease, 0.0])
-    holder = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        env=skewed("-5m"),
-        lease=lease,
-    )
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    holder = replicas.start(env=skewed("-5m"), lease=lease)
     wait_until(lambda: sync_db.ran.find_one({"version": 1}), 30, "the holder to start")
-    waiters = [
-        Worker.start(
-            uri=mongo_uri,
-            db=sync_db.name,
-            driver=driver,
-            migrations=migrations,
-            env=skewed("+10m"),
-            lease=lease,
-            wait_timeout=60,
-        )
-        for _ in range(3)
-    ]
-    results = [w.result() for w in waiters]
+    results = race(replicas, 3, env=skewed("+10m"), lease=lease, wait_timeout=60)
     held = holder.result()
 
     record(
@@ -90,30 +74,20 @@ def test_skewed_taker_waits_a_full_lease_of_server_time(
 ) -> None:
     lease = 1.5
     migrations = recording_migrations(tmp_path, 2, idempotent=True)
-    holder = start_blocked_holder(
-        sync_db, mongo_uri, driver, migrations, 1, env=skewed("-10m"), lease=lease
-    )
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    holder = start_blocked_holder(replicas, 1, env=skewed("-10m"), lease=lease)
     os.kill(holder.pid, signal.SIGKILL)
     holder.kill()
     dead = sync_db.migrations.find_one({"_id": "control"})
 
-    taker = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        env=skewed("+10m"),
-        lease=lease,
-        wait_timeout=60,
-    )
-    result = taker.result()
+    result = boot(replicas, env=skewed("+10m"), lease=lease, wait_timeout=60)
 
     record("7 clock skew", runs=1, processes=2, faults=3)
     assert result["exit_code"] == 0 and result["applied"] == [1, 2], result
-    rerun = sync_db.ran.find_one({"version": 1, "pid": taker.pid})
+    rerun = sync_db.ran.find_one({"version": 1, "pid": result["pid"]})
     taken_at = rerun["control"]["locked_at"]  # the server's clock, as is the heartbeat
     assert (taken_at - dead["heartbeat"]).total_seconds() >= lease
     # The skew was real: the taker's own clock, which stamps its history, ran 10 min ahead.
-    entry = sync_db.migrations_history.find_one({"pid": taker.pid})
+    entry = sync_db.migrations_history.find_one({"pid": result["pid"]})
     ahead = (entry["finished_at"] - sync_db.command("hello")["localTime"]).total_seconds()
     assert 540 < ahead < 660, ahead

@@ -12,72 +12,53 @@ from typing import Any
 
 import pytest
 
+from tests.databases import run_database
 from tests.faults.conftest import double_applies, record, scale
-from tests.support import Worker, recording_migrations, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_past_lease
+from tests.processes import Replicas, boot, start_blocked_holder, start_paused_holder
 
 LEASE = 1.0
 
-# (where the holder is killed, how it is made to stop there)
+# Where the holder is killed: the log line it is paused at, or None for inside migration 2,
+# where RECORDING_MIGRATION blocks it.
 KILL_POINTS = {
-    "before the first migration": {"pause_on": "took the migration lock"},
-    "between two migrations": {"pause_on": "applied migration 0001"},
-    "inside a migration": {"env": {"BM_BLOCK_AT": "2"}},
-    "before releasing": {"pause_on": "applied migration 0003"},
-    "after releasing": {"pause_on": "migrations done"},
+    "before the first migration": "took the migration lock",
+    "between two migrations": "applied migration 0001",
+    "inside a migration": None,
+    "before releasing": "applied migration 0003",
+    "after releasing": "migrations done",
 }
 
 
-def kill_holder(sync_db: Any, mongo_uri: str, driver: str, migrations: Path, point: str) -> int:
-    how = KILL_POINTS[point]
-    holder = Worker.start(
-        uri=mongo_uri, db=sync_db.name, driver=driver, migrations=migrations, lease=LEASE, **how
-    )
-    try:
-        assert holder.read_event()["event"] == "ready"
-        if "pause_on" in how:
-            assert holder.read_event()["event"] == "paused"
-        else:
-            wait_until(
-                lambda: sync_db.ran.find_one({"version": 2, "pid": holder.pid}),
-                30,
-                "the holder to enter migration 2",
-            )
-        os.kill(holder.pid, signal.SIGKILL)
-    finally:
-        holder.kill()
+def kill_holder(replicas: Replicas, point: str) -> int:
+    """Start a holder, SIGKILL it at ``point``, and return its pid."""
+    pause_on = KILL_POINTS[point]
+    if pause_on is None:
+        holder = start_blocked_holder(replicas, 2, lease=LEASE)
+    else:
+        holder = start_paused_holder(replicas, pause_on, lease=LEASE)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.kill()
     return holder.pid
-
-
-def boot(sync_db: Any, mongo_uri: str, driver: str, migrations: Path) -> tuple[int, dict[str, Any]]:
-    taker = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        lease=LEASE,
-        wait_timeout=30,
-    )
-    return taker.pid, taker.result()
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_next_process_resumes_after_a_kill(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, point: str
 ) -> None:
+    migrations = recording_migrations(tmp_path, 3)  # not idempotent
     for run in range(scale(1, 4)):
-        db = sync_db.client[f"{sync_db.name}_{run}"]
-        try:
-            check_resume(db, mongo_uri, driver, tmp_path / str(run), point)
-        finally:
-            sync_db.client.drop_database(db.name)
+        with run_database(sync_db, run) as db:
+            check_resume(Replicas(mongo_uri, db, driver, migrations), point)
 
 
-def check_resume(db: Any, mongo_uri: str, driver: str, tmp: Path, point: str) -> None:
-    migrations = recording_migrations(tmp, 3)  # not idempotent
-    dead = kill_holder(db, mongo_uri, driver, migrations, point)
+def check_resume(replicas: Replicas, point: str) -> None:
+    db = replicas.db
+    dead = kill_holder(replicas, point)
     record("2 holder killed", runs=1, processes=2, faults=1)
     if point == "inside a migration":
-        taker_pid, result = boot(db, mongo_uri, driver, migrations)
+        result = boot(replicas, lease=LEASE, wait_timeout=30)
         assert (result["exit_code"], result["error"]) == (1, "ControlLocked"), result
         assert "was interrupted" in result["message"]
         control = db.migrations.find_one({"_id": "control"})
@@ -86,7 +67,8 @@ def check_resume(db: Any, mongo_uri: str, driver: str, tmp: Path, point: str) ->
         assert Counter(d["version"] for d in db.ran.find()) == {1: 1, 2: 1}
         return
 
-    taker_pid, result = boot(db, mongo_uri, driver, migrations)
+    result = boot(replicas, lease=LEASE, wait_timeout=30)
+    taker_pid = result["pid"]
 
     assert result["exit_code"] == 0, result
     ran = list(db.ran.find())
@@ -105,12 +87,8 @@ def check_resume(db: Any, mongo_uri: str, driver: str, tmp: Path, point: str) ->
         # Nothing was pending, so that boot did not wait; the first boot after the dead
         # holder's lease expired releases its lock.
         left = db.migrations.find_one({"_id": "control"})
-        wait_until(
-            lambda: (db.command("hello")["localTime"] - left["heartbeat"]).total_seconds() > LEASE,
-            30,
-            "the dead holder's lease to expire",
-        )
-        assert boot(db, mongo_uri, driver, migrations)[1]["exit_code"] == 0
+        wait_past_lease(db, left["heartbeat"], LEASE, "the dead holder's")
+        assert boot(replicas, lease=LEASE, wait_timeout=30)["exit_code"] == 0
     control = db.migrations.find_one({"_id": "control"})
     assert (control["locked"], control["version"]) == (False, 3)
     history = Counter((h["version"], h["outcome"]) for h in db.migrations_history.find())
@@ -121,12 +99,13 @@ def test_an_idempotent_migration_interrupted_inside_is_rerun(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
     migrations = recording_migrations(tmp_path, 3, idempotent=True)
-    dead = kill_holder(sync_db, mongo_uri, driver, migrations, "inside a migration")
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    dead = kill_holder(replicas, "inside a migration")
 
-    taker_pid, result = boot(sync_db, mongo_uri, driver, migrations)
+    result = boot(replicas, lease=LEASE, wait_timeout=30)
 
     assert (result["exit_code"], result["applied"]) == (0, [2, 3]), result
     by = [(d["version"], d["pid"]) for d in sync_db.ran.find()]
-    assert by == [(1, dead), (2, dead), (2, taker_pid), (3, taker_pid)]
+    assert by == [(1, dead), (2, dead), (2, result["pid"]), (3, result["pid"])]
     history = Counter((h["version"], h["outcome"]) for h in sync_db.migrations_history.find())
     assert history == {(1, "applied"): 1, (2, "applied"): 1, (3, "applied"): 1}

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from tests.databases import run_database
 from tests.faults.conftest import record, scale
-from tests.support import Worker, recording_migrations, start_blocked_holder
+from tests.migration_files import recording_migrations
+from tests.processes import Replicas, boot, start_blocked_holder, start_paused_holder
 
 LEASE = 1.0
 
@@ -28,39 +30,21 @@ def snapshot(db: Any) -> tuple[Any, ...]:
 def test_paused_holder_is_fenced(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, where: str
 ) -> None:
+    migrations = recording_migrations(tmp_path, 3, idempotent=True)
     for run in range(scale(1, 5)):
-        db = sync_db.client[f"{sync_db.name}_{run}"]
-        try:
-            check_fenced(db, mongo_uri, driver, tmp_path / str(run), where)
-        finally:
-            sync_db.client.drop_database(db.name)
+        with run_database(sync_db, run) as db:
+            check_fenced(Replicas(mongo_uri, db, driver, migrations), where)
 
 
-def check_fenced(db: Any, mongo_uri: str, driver: str, tmp: Path, where: str) -> None:
-    migrations = recording_migrations(tmp, 3, idempotent=True)
+def check_fenced(replicas: Replicas, where: str) -> None:
+    db = replicas.db
     if where == "inside a migration":
-        holder = start_blocked_holder(db, mongo_uri, driver, migrations, 2, lease=LEASE)
+        holder = start_blocked_holder(replicas, 2, lease=LEASE)
         os.kill(holder.pid, signal.SIGSTOP)
     else:
-        holder = Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            pause_on="applied migration 0001",
-            lease=LEASE,
-        )
-        assert [holder.read_event()["event"] for _ in range(2)] == ["ready", "paused"]
+        holder = start_paused_holder(replicas, "applied migration 0001", lease=LEASE)
     try:
-        taker = Worker.start(
-            uri=mongo_uri,
-            db=db.name,
-            driver=driver,
-            migrations=migrations,
-            lease=LEASE,
-            wait_timeout=60,
-        )
-        taken = taker.result()
+        taken = boot(replicas, lease=LEASE, wait_timeout=60)
         assert taken["exit_code"] == 0 and taken["holder"], taken
         settled = snapshot(db)
 

@@ -10,13 +10,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pymongo import MongoClient
 
+from tests.databases import sync_database
 from tests.faults.conftest import double_applies, record, scale
-from tests.support import SecantusDaemon, Worker, recording_migrations, wait_until
+from tests.migration_files import recording_migrations
+from tests.polling import wait_until
+from tests.processes import Replicas
+from tests.server import SecantusDaemon
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("MONGODB_URI")), reason="kills and restarts its own test server"
@@ -28,10 +30,8 @@ DOWN_FOR = 1.0  # seconds the server stays dead
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[SecantusDaemon]:
     # Acknowledged writes must survive SIGKILL, as they do on a real server with a journal.
-    daemon = SecantusDaemon(tmp_path / "data", None, "--sync-on-commit")
-    daemon.start()
-    yield daemon
-    daemon.stop()
+    with SecantusDaemon(tmp_path / "data", None, "--sync-on-commit") as daemon:
+        yield daemon
 
 
 def restart(server: SecantusDaemon) -> None:
@@ -52,29 +52,11 @@ def test_restart_while_migrating_and_waiting(
 def check_restart(server: SecantusDaemon, driver: str, tmp: Path, name: str) -> None:
     lease = 6.0
     migrations = recording_migrations(tmp, 3, seconds=[3.0, 0.0, 0.0])
-    client: MongoClient[dict[str, Any]] = MongoClient(server.uri, serverSelectionTimeoutMS=20000)
-    db = client[name]
-    try:
-        holder = Worker.start(
-            uri=server.uri,
-            db=name,
-            driver=driver,
-            migrations=migrations,
-            lease=lease,
-            wait_timeout=60,
-        )
+    with sync_database(server.uri, name, serverSelectionTimeoutMS=20000) as db:
+        replicas = Replicas(server.uri, db, driver, migrations)
+        holder = replicas.start(lease=lease, wait_timeout=60)
         wait_until(lambda: db.ran.find_one({"version": 1}), 30, "the holder to enter migration 1")
-        waiters = [
-            Worker.start(
-                uri=server.uri,
-                db=name,
-                driver=driver,
-                migrations=migrations,
-                lease=lease,
-                wait_timeout=60,
-            )
-            for _ in range(2)
-        ]
+        waiters = [replicas.start(lease=lease, wait_timeout=60) for _ in range(2)]
         for waiter in waiters:
             assert waiter.read_event()["event"] == "ready"
 
@@ -99,6 +81,3 @@ def check_restart(server: SecantusDaemon, driver: str, tmp: Path, name: str) -> 
         assert (control["locked"], control["version"], control["token"]) == (False, 3, 1)
         outcomes = Counter((h["version"], h["outcome"]) for h in db.migrations_history.find())
         assert outcomes == {(1, "applied"): 1, (2, "applied"): 1, (3, "applied"): 1}
-    finally:
-        client.drop_database(name)
-        client.close()

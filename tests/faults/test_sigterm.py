@@ -9,31 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.conftest import record
-from tests.support import Worker, recording_migrations, start_blocked_holder
+from tests.migration_files import recording_migrations
+from tests.processes import Replicas, Worker, boot, start_blocked_holder
 
 STABLE = ("_id", "locked", "version", "token", "owner", "locked_at", "running", "failure")
 
 
-def blocked_in_2(sync_db: Any, mongo_uri: str, driver: str, migrations: Path) -> Worker:
-    return start_blocked_holder(sync_db, mongo_uri, driver, migrations, 2, lease=5)
+def blocked_in_2(replicas: Replicas) -> Worker:
+    """A holder that took the lock and stays inside migration 2."""
+    return start_blocked_holder(replicas, 2, lease=5)
 
 
 def test_sigterm_while_waiting_writes_nothing(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
-    migrations = recording_migrations(tmp_path, 3)
-    holder = blocked_in_2(sync_db, mongo_uri, driver, migrations)
+    replicas = Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path, 3))
+    holder = blocked_in_2(replicas)
     try:
         before = sync_db.migrations.find_one({"_id": "control"})
         history = sync_db.migrations_history.count_documents({})
-        waiter = Worker.start(
-            uri=mongo_uri,
-            db=sync_db.name,
-            driver=driver,
-            migrations=migrations,
-            wait_timeout=60,
-            sigterm_on="waiting for",
-        )
+        waiter = replicas.start(wait_timeout=60, sigterm_on="waiting for")
         result = waiter.result()
         after = sync_db.migrations.find_one({"_id": "control"})
     finally:
@@ -49,15 +44,8 @@ def test_sigterm_while_waiting_writes_nothing(
 def test_sigterm_between_migrations_releases_at_the_version_reached(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
-    migrations = recording_migrations(tmp_path, 3)
-    holder = Worker.start(
-        uri=mongo_uri,
-        db=sync_db.name,
-        driver=driver,
-        migrations=migrations,
-        sigterm_on="applied migration 0001",
-    )
-    result = holder.result()
+    replicas = Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path, 3))
+    result = boot(replicas, sigterm_on="applied migration 0001")
 
     record("6 SIGTERM", runs=1, faults=1)
     assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
@@ -70,7 +58,7 @@ def test_sigterm_between_migrations_releases_at_the_version_reached(
 def test_sigterm_inside_a_migration_leaves_it_stuck_as_interrupted(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
-    holder = blocked_in_2(sync_db, mongo_uri, driver, recording_migrations(tmp_path, 3))
+    holder = blocked_in_2(Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path, 3)))
     holder.process.send_signal(signal.SIGTERM)
     result = holder.result()
 
@@ -87,7 +75,8 @@ def test_sigterm_inside_an_idempotent_migration_releases_for_a_rerun(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
     migrations = recording_migrations(tmp_path, 3, idempotent=True)
-    holder = blocked_in_2(sync_db, mongo_uri, driver, migrations)
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    holder = blocked_in_2(replicas)
     holder.process.send_signal(signal.SIGTERM)
     result = holder.result()
 
@@ -96,5 +85,4 @@ def test_sigterm_inside_an_idempotent_migration_releases_for_a_rerun(
     control = sync_db.migrations.find_one({"_id": "control"})
     assert (control["locked"], control["version"]) == (False, 1)
     assert "failure" not in control
-    rerun = Worker.start(uri=mongo_uri, db=sync_db.name, driver=driver, migrations=migrations)
-    assert rerun.result()["applied"] == [2, 3]
+    assert boot(replicas)["applied"] == [2, 3]

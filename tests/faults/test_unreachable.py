@@ -13,9 +13,10 @@ import anyio
 import pytest
 
 from bootmigrate import DatabaseUnavailable, migrate
+from tests.clients import close_client, make_client
 from tests.faults.conftest import record, scale
-from tests.helpers import recorders
-from tests.support import SecantusDaemon, close_client, free_port, make_client
+from tests.in_process import recorders
+from tests.server import SecantusDaemon, free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -9,18 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STEP = """
-async def up(db):
-    await db.items.insert_one({{"v": {v}}})
-
-async def down(db):
-    await db.items.delete_one({{"v": {v}}})
-"""
-BROKEN = "async def up(db):\n    raise RuntimeError('index build failed: duplicate key')\n"
-
 
 @dataclass
 class Cli:
+    """Runs ``python -m bootmigrate`` with ``env``; ``db`` is its database, read synchronously."""
+
     env: dict[str, str]
     db: Any
     migrations: Path
@@ -38,6 +31,7 @@ class Cli:
         )
 
     def json(self, *args: str) -> Any:
+        """The command's ``--json`` output, parsed; it must write nothing to stderr."""
         done = self(*args, "--json")
         assert done.stderr == "", done.stderr
         return json.loads(done.stdout)

@@ -27,7 +27,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bootmigrate import MigrationError, migrate
-from tests.support import make_client
+from tests.clients import make_client
 
 
 def emit(**event: object) -> None:

@@ -1,4 +1,5 @@
-"""In-process migration builders for integration tests."""
+"""Migrations built in code for tests that call ``migrate()`` in their own process, and
+readers of what those runs leave in the database."""
 
 from __future__ import annotations
 
@@ -46,20 +47,24 @@ def announce(event: Any) -> Callable[[], Awaitable[None]]:
 
 
 def recorders(*versions: int, **options: Any) -> list[Migration]:
+    """One :func:`recorder` per version, all with the same ``options``."""
     return [recorder(v, **options) for v in versions]
 
 
 async def ran(db: Any) -> list[tuple[int, str]]:
+    """What the recorders ran, in order: (version, direction) pairs."""
     docs = await db.ran.find({}, sort=[("_id", 1)]).to_list(None)
     return [(d["version"], d["direction"]) for d in docs]
 
 
 async def control(db: Any) -> dict[str, Any] | None:
+    """The control document as stored, or ``None`` before there is one."""
     doc: dict[str, Any] | None = await db.migrations.find_one({"_id": "control"})
     return doc
 
 
 async def history(db: Any) -> list[dict[str, Any]]:
+    """The history records, oldest first."""
     docs: list[dict[str, Any]] = await db.migrations_history.find({}, sort=[("_id", 1)]).to_list(
         None
     )
