@@ -20,7 +20,7 @@ from bootmigrate import (
     migrate,
 )
 from bootmigrate.control import Control
-from tests.helpers import dead_holder_lock, recorder
+from tests.in_process import dead_holder_lock, recorder
 
 
 async def broken(db: Any) -> None:

@@ -11,9 +11,9 @@ from starlette.testclient import TestClient
 
 from bootmigrate import Settings, migrate
 from bootmigrate.integrations.starlette import migrate_lifespan
-from tests.cli_support import Cli
-from tests.helpers import recorders
-from tests.support import close_client, make_client
+from tests.clients import close_client, make_client
+from tests.in_process import recorders
+from tests.operator_cli import Cli
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ from bootmigrate.drivers import server_time
 from bootmigrate.history import Entry
 from bootmigrate.lock import ControlLock, HeldLock, LockBusy
 from bootmigrate.waiting import Deadline, WaitPolicy
-from tests.helpers import control, history
+from tests.in_process import control, history
 
 pytestmark = pytest.mark.anyio
 

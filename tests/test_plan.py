@@ -314,3 +314,33 @@ def test_a_database_ahead_with_an_explicit_target_is_refused(target: int) -> Non
         DatabaseAhead, match=r"at version 9, newer than this build's latest .*\(3\)"
     ):
         plan_from(9, known(1, 2, 3), target)
+
+
+def test_each_step_knows_the_version_before_it() -> None:
+    # A database set to 3 by hand over a gap (2 was never shipped): the first step starts
+    # from 3, each later one from the step before it.
+    ups = plan_from(3, known(1, 5, 6))
+    downs = plan_from(6, known(1, 5, 6), 1)
+    rerun = make_rerun_plan(6, known(1, 5, 6), 5)
+
+    assert [(s.version_before, s.version_after) for s in ups.steps] == [(3, 5), (5, 6)]
+    assert [(s.version_before, s.version_after) for s in downs.steps] == [(6, 5), (5, 1)]
+    assert [(s.version_before, s.version_after) for s in rerun.steps] == [(6, 6)]
+
+
+def test_a_step_runs_the_function_of_its_direction() -> None:
+    async def up(db: Any) -> None:
+        """Forward."""
+
+    async def down(db: Any) -> None:
+        """Backward."""
+
+    migrations = [Migration(version=1, up=up, down=down, name="one")]
+    forward = plan_from(0, migrations, fresh=True).steps[0]
+    backward = plan_from(1, migrations, 0).steps[0]
+    again = make_rerun_plan(1, migrations, 1).steps[0]
+
+    assert (forward.function, forward.reverts) == (up, False)
+    assert forward.checksum == migrations[0].checksum != ""  # recorded when the code applies
+    assert (backward.function, backward.reverts, backward.checksum) == (down, True, None)
+    assert (again.function, again.reverts) == (up, False)

@@ -45,11 +45,12 @@ def skewed(offset: str) -> dict[str, str]:
 def test_skewed_waiters_never_take_over_a_live_holder(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
-    # A lease long enough that a loaded CI machine never starves the holder's heartbeat: the
-    # clocks are 15 minutes apart, so a lease measured on them would fail at any length.
-    lease = 2.5
-    # Migration 1 runs for three leases while waiters whose clocks run 10 minutes ahead poll.
-    migrations = recording_migrations(tmp_path, 2, seconds=[3 * lease, 0.0])
+    # A lease long enough that a loaded CI machine (three waiters importing their drivers at
+    # once) never starves the holder's heartbeat: the clocks are 15 minutes apart, so a lease
+    # measured on them would fail at any length.
+    lease = 4.0
+    # Migration 1 runs for two leases while waiters whose clocks run 10 minutes ahead poll.
+    migrations = recording_migrations(tmp_path, 2, seconds=[2 * lease, 0.0])
     replicas = Replicas(mongo_uri, sync_db, driver, migrations)
     holder = replicas.start(env=skewed("-5m"), lease=lease)
     wait_until(lambda: sync_db.ran.find_one({"version": 1}), 30, "the holder to start")

@@ -18,8 +18,8 @@ from bootmigrate.drivers import server_time
 from bootmigrate.errors import LockLost
 from bootmigrate.lock import ControlLock, HeldLock
 from bootmigrate.waiting import Deadline, WaitPolicy
+from tests.clients import close_client, make_client
 from tests.faults.conftest import record, scale
-from tests.support import close_client, make_client
 
 LEASE = 30.0
 ACTORS = 3
