@@ -236,13 +236,11 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
 
 def _session(options: dict[str, Any]) -> Session:
     """The session from the shared options, which it takes out of ``options``."""
-    try:
-        settings = Settings(
-            collection=options.pop("collection"),
-            history_collection=options.pop("history_collection"),
-        )
-    except (TypeError, ValueError) as exc:
-        raise Failure(str(exc)) from None
+    settings = _checked(
+        Settings(),
+        collection=options.pop("collection"),
+        history_collection=options.pop("history_collection"),
+    )
     return Session(
         uri=options.pop("uri"),
         db_name=options.pop("db"),
@@ -438,20 +436,21 @@ def new(session: Session, name: str) -> None:
     )
 
 
-def _plan(session: Session, target: Target) -> Plan:
-    settings = _settings_for(session, target=target)
-    return session.run(lambda db: commands.plan(db, session.migrations, settings))
-
-
-def _settings_for(session: Session, **options: Any) -> Settings:
+def _checked(base: Settings, **options: Any) -> Settings:
+    """``base`` with ``options``, a bad value reported as a one-line error."""
     try:
-        return session.settings.updated(**options)
+        return base.updated(**options)
     except (TypeError, ValueError) as exc:
         raise Failure(str(exc)) from None
 
 
+def _plan(session: Session, target: Target) -> Plan:
+    settings = _checked(session.settings, target=target)
+    return session.run(lambda db: commands.plan(db, session.migrations, settings))
+
+
 def _migrate(session: Session, **options: Any) -> None:
-    settings = _settings_for(session, **options)
+    settings = _checked(session.settings, **options)
     report: MigrationReport = session.run(lambda db: migrate_with(db, session.migrations, settings))
     data = {
         "from_version": report.from_version,

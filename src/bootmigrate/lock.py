@@ -375,11 +375,7 @@ class HeldLock:
             "$inc": {"beats": 1},
             "$currentDate": {"heartbeat": True},
         }
-        if session is not None:
-            self._refuse_if_lost()
-            await self._fenced(update, session)
-        else:
-            await self.write(lambda: self._fenced(update))
+        await self._bookkeeping(lambda: self._fenced(update, session), session)
 
     async def release(self) -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing."""
@@ -395,11 +391,7 @@ class HeldLock:
 
     async def record(self, entry: Entry, session: Any = None) -> None:
         """A history record of this holder's work; in the transaction of ``session`` if given."""
-        if session is not None:
-            self._refuse_if_lost()
-            await self._lock.history.record(entry, session)
-        else:
-            await self.write(lambda: self._lock.history.record(entry))
+        await self._bookkeeping(lambda: self._lock.history.record(entry, session), session)
 
     async def heartbeat(self) -> bool:
         """Refresh the lease on the server's clock; ``False`` once the lock is no longer ours."""
@@ -482,6 +474,15 @@ class HeldLock:
                     address=address_of(self._lock.db), seconds=lease, cause=str(exc), holding=True
                 ) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _bookkeeping(self, write: Callable[[], Awaitable[None]], session: Any) -> None:
+        """Inside a transaction a write joins it: no shield and no retry of its own (the
+        transaction commits or aborts as a whole); elsewhere it is a guarded :meth:`write`."""
+        if session is None:
+            await self.write(write)
+        else:
+            self._refuse_if_lost()
+            await write()
 
     def _refuse_if_lost(self) -> None:
         if self.lost:
