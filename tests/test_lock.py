@@ -3,9 +3,9 @@ rule, and the operator's unlock."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
+import anyio
 import pytest
 from pymongo.errors import ConnectionFailure
 
@@ -20,35 +20,47 @@ from tests.in_process import control, history
 pytestmark = pytest.mark.anyio
 
 LEASE = 30.0
+# A holder that beats no more (no keep-alive runs in these tests) and promised this lease is
+# found dead by a taker that watches it that long.
+SHORT_LEASE = 0.3
 
 
-def lock_for(db: Any, name: str) -> ControlLock:
-    owner = Owner(host=name, pid=1, build=None, lease=LEASE, id=f"id-{name}")
+def lock_for(db: Any, name: str, lease: float = LEASE) -> ControlLock:
+    owner = Owner(host=name, pid=1, build=None, lease=lease, id=f"id-{name}")
     return ControlLock(
         db, collection="migrations", history="migrations_history", owner=owner, waiting=WaitPolicy()
     )
 
 
 async def acquired(lock: ControlLock) -> HeldLock:
-    held = await lock.acquire(await lock.read())
+    held = await lock.acquire(await lock.read(), Deadline.after(10))
     assert held is not None
     return held
 
 
-async def silence(db: Any, seconds: float) -> None:
-    """Make the holder's last heartbeat ``seconds`` old, as if it had stopped beating."""
-    beat = await server_time(db) - timedelta(seconds=seconds)
-    await db.migrations.update_one({"_id": "control"}, {"$set": {"heartbeat": beat}})
+async def taken_over(taker: ControlLock, within: float = 10.0) -> HeldLock:
+    """Look at the lock until ``taker`` has watched it silent for its lease, then take it."""
+    deadline = Deadline.after(within)
+    while True:
+        try:
+            held = await taker.take_over(await taker.read(), {}, deadline)
+        except LockBusy:
+            assert deadline.remaining() > 0, "the lock was never found dead"
+            await anyio.sleep(0.05)
+            continue
+        assert held is not None
+        return held
 
 
 async def test_acquire_creates_the_document_and_a_second_acquire_loses(db: Any) -> None:
     first, second = lock_for(db, "a"), lock_for(db, "b")
     seen = await first.read()
 
-    held = await first.acquire(seen)
+    held = await first.acquire(seen, Deadline.after(10))
 
     assert held is not None and held.token == 1
-    assert await second.acquire(seen) is None  # planned from the same reading: too late
+    # Planned from the same reading: too late.
+    assert await second.acquire(seen, Deadline.after(10)) is None
     doc = await control(db)
     assert doc is not None and (doc["locked"], doc["owner"]["host"]) == (True, "a")
 
@@ -70,11 +82,9 @@ async def test_a_live_holder_is_not_taken_over(db: Any) -> None:
 
 
 async def test_once_lost_a_held_lock_writes_nothing_more(db: Any) -> None:
-    old = await acquired(lock_for(db, "a"))
-    await silence(db, 2 * LEASE)
-    taker = lock_for(db, "b")
-    new = await taker.take_over(await taker.read(), {}, Deadline.after(10))
-    assert new is not None and new.token == old.token + 1
+    old = await acquired(lock_for(db, "a", lease=SHORT_LEASE))
+    new = await taken_over(lock_for(db, "b"))
+    assert new.token == old.token + 1
 
     with pytest.raises(LockLost):
         await old.advance(5)  # fenced: finds the lock gone
@@ -108,16 +118,14 @@ async def test_unlock_refuses_a_live_holder_unless_forced_and_is_recorded(db: An
 
 
 async def test_a_write_being_retried_stops_once_the_lock_is_known_lost(db: Any) -> None:
-    old = await acquired(lock_for(db, "a"))
-    await silence(db, 2 * LEASE)
-    taker = lock_for(db, "b")
+    old = await acquired(lock_for(db, "a", lease=SHORT_LEASE))
+    await taken_over(lock_for(db, "b"))  # the lock moves on; its old holder does not know yet
     attempts: list[str] = []
 
     async def insert_after_a_lost_reply() -> None:
         attempts.append("sent")
         if len(attempts) == 1:
-            # Meanwhile the lock moves on, and this holder learns it (as its heartbeat would)...
-            assert await taker.take_over(await taker.read(), {}, Deadline.after(10))
+            # Meanwhile this holder learns that its lock is gone (as its heartbeat would)...
             with pytest.raises(LockLost):
                 await old.progress(1, 2)
             # ...and this first attempt's reply is lost: the kind of error a write retries.

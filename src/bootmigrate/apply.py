@@ -16,17 +16,29 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+from pymongo.errors import PyMongoError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
+from tenacity.wait import wait_random_exponential
 
 from .context import MigrationContext
 from .control import Owner, failure_record, utc_now
-from .drivers import transaction
-from .errors import LockLost, MigrationFailed
+from .drivers import TRANSIENT_TRANSACTION_ERROR, transaction
+from .errors import DatabaseUnavailable, LockLost, MigrationFailed
 from .history import Entry, Outcome, error_fields
 from .lock import HeldLock
 from .plan import Plan, Step
 from .report import MigrationReport, log_fields
 
 log = logging.getLogger("bootmigrate")
+
+# As long as PyMongo's own ``with_transaction`` keeps retrying: more than a dead holder's open
+# transaction can live on the server (``transactionLifetimeLimitSeconds``, 60 s by default, and
+# up to the reaper's next pass).
+TRANSACTION_RETRY_SECONDS = 120.0
+
+
+def _transient_transaction_error(exc: BaseException) -> bool:
+    return isinstance(exc, PyMongoError) and exc.has_error_label(TRANSIENT_TRANSACTION_ERROR)
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,8 @@ class Applier:
             except Exception as exc:  # re-raised below, outside the task group
                 error = exc
             tasks.cancel_scope.cancel()
-        if isinstance(error, LockLost):
-            raise error  # it already says when the loss was found
+        if isinstance(error, (LockLost, DatabaseUnavailable)):
+            raise error  # it already says when the loss was found, or why nothing answered
         if held.lost:
             raise held.lost_error("while running migrations") from error
         if error is not None:
@@ -203,15 +215,33 @@ class Applier:
 
     async def _run_in_transaction(self, run: StepRun) -> None:
         """The migration, its version and its history record, committed together or not at
-        all. The transaction must end within half the lease, since the heartbeat is paused
-        meanwhile; its own fenced write refreshes the heartbeat."""
+        all, run again from the start after a TransientTransactionError as MongoDB prescribes
+        (a write conflict, for example with a dead holder's transaction the server has not yet
+        reaped), for at most ``TRANSACTION_RETRY_SECONDS``. Each try must end within half the
+        lease, since the heartbeat waits meanwhile; its own fenced write refreshes the
+        heartbeat."""
         step = run.step
-        async with self.held.transaction_window(), transaction(self.db) as session:
-            await self._call(step, session, limit=self.owner.lease / 2)
-            await self.held.advance(step.version_after, session)
-            await self.held.record(
-                run.entry("applied", self.held.token, checksum=step.checksum), session
-            )
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_transient_transaction_error),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(TRANSACTION_RETRY_SECONDS),
+            before_sleep=lambda state: log.warning(
+                "migration %s: transaction attempt %d hit a transient error (%s); running the "
+                "transaction again",
+                step.migration.label(),
+                state.attempt_number,
+                state.outcome.exception() if state.outcome else None,
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async with self.held.transaction_window(), transaction(self.db) as session:
+                    await self._call(step, session, limit=self.owner.lease / 2)
+                    await self.held.advance(step.version_after, session)
+                    await self.held.record(
+                        run.entry("applied", self.held.token, checksum=step.checksum), session
+                    )
 
     async def _call(self, step: Step, session: Any = None, limit: float | None = None) -> None:
         timeout = step.migration.timeout or self.migration_timeout

@@ -3,8 +3,10 @@
 One document, ``{"_id": "control", "locked": false, "version": 19}``, as Rocket.Chat writes
 it, plus fields of our own while a lock is held:
 
-- ``token``: incremented by every acquisition; every holder write is conditional on it, so
-  a holder that lost its lock cannot change anything (fencing).
+- ``token`` and ``acquisition``: the first incremented by every acquisition, the second a
+  random id drawn by it; every holder write is conditional on both, so a holder that lost its
+  lock cannot change anything (fencing), even if a failover rolled back an acquire and handed
+  the same token number to another process.
 - ``beats`` and ``heartbeat``: a counter and the server's clock, refreshed by the holder.
   A waiter takes over only with a compare-and-swap on ``token`` and ``beats``, so a holder
   that beat in the meantime keeps its lock.
@@ -27,7 +29,7 @@ from .drivers import as_naive_utc
 from .errors import InvalidControlDocument
 
 CONTROL_ID = "control"
-HELD_FIELDS = ("owner", "locked_at", "heartbeat", "beats", "running", "failure")
+HELD_FIELDS = ("owner", "locked_at", "heartbeat", "beats", "running", "failure", "acquisition")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Control:
     owner: dict[str, Any] | None = None
     running: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
+    acquisition: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -152,6 +155,13 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
                 f"{{$unset: {{{name}: 1}}}}).",
             )
         subdocs[name] = value
+    acquisition = doc.get("acquisition")
+    if acquisition is not None and not isinstance(acquisition, str):
+        raise bad(
+            f"`acquisition` must be a string, got {acquisition!r}",
+            f"Remove the field once no migration is running: db.{collection_name}.updateOne("
+            '{_id: "control"}, {$unset: {acquisition: 1}}).',
+        )
     return Control(
         exists=True,
         locked=locked,
@@ -163,6 +173,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
         owner=subdocs["owner"],
         running=subdocs["running"],
         failure=subdocs["failure"],
+        acquisition=acquisition,
         raw=dict(doc),
     )
 

@@ -1,8 +1,9 @@
 """The one seam between motor and PyMongo's async API.
 
 Both drivers expose the same awaitable collection methods, so the seam is small: recognise
-the database object (and refuse a synchronous one with a clear message), give out collections
-with majority write concern, and read the server's clock.
+the database object (and refuse a synchronous one with a clear message), give out the lock's
+collections pinned to the primary with majority read and write concern, and read the server's
+clock.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import anyio
-from pymongo import WriteConcern
+from pymongo import ReadPreference, WriteConcern
+from pymongo.errors import PyMongoError
+from pymongo.read_concern import ReadConcern
 
 Driver = Literal["motor", "pymongo"]
 
@@ -25,6 +28,10 @@ _ASYNC_DATABASE_TYPES: dict[str, Driver] = {
 }
 
 MAJORITY = WriteConcern("majority")
+TRANSIENT_TRANSACTION_ERROR = "TransientTransactionError"
+UNKNOWN_COMMIT_RESULT = "UnknownTransactionCommitResult"
+# How long a commit whose outcome is unknown is sent again (it is idempotent on the server).
+COMMIT_RETRY_SECONDS = 30.0
 
 
 def detect_driver(db: object) -> Driver:
@@ -52,9 +59,20 @@ def is_async_database(value: object) -> bool:
     return True
 
 
-def majority_collection(db: Any, name: str) -> Any:
-    """``db[name]`` with majority write concern, so a lock survives a primary failover."""
-    return db.get_collection(name, write_concern=MAJORITY)
+def pinned_collection(db: Any, name: str, wtimeout: float) -> Any:
+    """``db[name]`` for the lock's own reads and writes, whatever the caller's client says.
+
+    Primary read preference and majority read concern: a lock decision is never made on a
+    stale secondary's copy, nor on a write a failover may roll back. Majority write concern, so
+    a lock survives a failover, with a ``wtimeout`` so that a majority that cannot be reached
+    answers with an error instead of never.
+    """
+    return db.get_collection(
+        name,
+        read_preference=ReadPreference.PRIMARY,
+        read_concern=ReadConcern("majority"),
+        write_concern=WriteConcern("majority", wtimeout=max(1, int(wtimeout * 1000))),
+    )
 
 
 async def open_change_stream(coll: Any, pipeline: list[dict[str, Any]], idle_wait: float) -> Any:
@@ -80,8 +98,11 @@ async def supports_transactions(db: Any) -> bool:
 @asynccontextmanager
 async def transaction(db: Any) -> AsyncIterator[Any]:
     """A session with a transaction (majority write concern) open on it: committed when the
-    block ends, aborted if it raises or is cancelled. Motor's ``start_session`` is a coroutine
-    and PyMongo's ``start_transaction`` is; the other of each is not."""
+    block ends, aborted if it raises or is cancelled. A commit whose outcome is unknown
+    (UnknownTransactionCommitResult) is sent again, as MongoDB prescribes, for at most
+    ``COMMIT_RETRY_SECONDS``; a TransientTransactionError is the caller's to retry (the whole
+    transaction). Motor's ``start_session`` is a coroutine and PyMongo's ``start_transaction``
+    is; the other of each is not."""
     session = db.client.start_session()
     if inspect.isawaitable(session):
         session = await session
@@ -96,7 +117,7 @@ async def transaction(db: Any) -> AsyncIterator[Any]:
                 await session.abort_transaction()
             raise
         with anyio.CancelScope(shield=True):
-            await session.commit_transaction()
+            await _commit(session)
     finally:
         with anyio.CancelScope(shield=True):
             ended = session.end_session()
@@ -104,9 +125,21 @@ async def transaction(db: Any) -> AsyncIterator[Any]:
                 await ended
 
 
+async def _commit(session: Any) -> None:
+    ends = anyio.current_time() + COMMIT_RETRY_SECONDS
+    while True:
+        try:
+            await session.commit_transaction()
+            return
+        except PyMongoError as exc:
+            if not exc.has_error_label(UNKNOWN_COMMIT_RESULT) or anyio.current_time() > ends:
+                raise
+        await anyio.sleep(0.05)
+
+
 async def server_time(db: Any) -> datetime:
     """The server's clock (``hello.localTime``), as naive UTC like the dates it stores."""
-    reply = await db.command("hello")
+    reply = await db.command("hello", read_preference=ReadPreference.PRIMARY)
     return as_naive_utc(reply["localTime"])
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from bson import ObjectId
+from pymongo.errors import DuplicateKeyError
+
 from .control import Owner, utc_now
 from .plan import Direction
 
@@ -63,8 +66,14 @@ class History:
     async def record(self, entry: Entry, session: Any = None) -> None:
         """Insert one record, stamped with this process and the time; inside the transaction
         of ``session`` when one is given."""
+        await self.insert(self.document(entry), session)
+
+    def document(self, entry: Entry) -> dict[str, Any]:
+        """The record of ``entry``, stamped with this process and the time, with its ``_id``
+        drawn now: sent again after a lost reply, it is recognised and not duplicated."""
         finished_at = utc_now()
         doc: dict[str, Any] = {
+            "_id": ObjectId(),
             "version": entry.version,
             "name": entry.name,
             "direction": entry.direction,
@@ -86,4 +95,13 @@ class History:
             doc["action"] = entry.action
         if entry.note:
             doc["note"] = entry.note
-        await self._coll.insert_one(doc, session=session)
+        return doc
+
+    async def insert(self, doc: dict[str, Any], session: Any = None) -> None:
+        """Insert a record made by :meth:`document`; one already there (an earlier try whose
+        reply was lost) counts as inserted."""
+        try:
+            await self._coll.insert_one(dict(doc), session=session)
+        except DuplicateKeyError:
+            if session is not None:
+                raise  # a transaction's insert is never re-sent on its own

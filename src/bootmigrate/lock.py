@@ -2,20 +2,28 @@
 
 :class:`ControlLock` is what any process does with the lock: read it, acquire it (creating the
 document if missing), adopt one its own lost reply acquired, take over a dead holder's (or mark
-it interrupted), tidy an abandoned one, retry a failure on a new build, and the operator's
+it interrupted), retry a failure on a new build, and the operator's
 unlock and set-version. :class:`HeldLock` is one acquisition, bound to its token: the heartbeat,
 the fenced writes (start, progress, advance, release, stick), and the rule that once the lock
 is lost it writes nothing more. Each change to the control document is one atomic round trip
 (a history record, where one is kept, is a second).
 
-The lease rule lives in :meth:`ControlLock.lease_of`: a holder is alive while the server's
-clock says its last heartbeat is younger than the lease it recorded.
+The lease rule lives in :meth:`ControlLock.observed`, on one clock only: a holder is dead
+once this process has watched its lock for a whole lease (on its own monotonic clock) without
+seeing a heartbeat. Times stamped by the server are shown to people (:meth:`ControlLock.lease_of`)
+but never decide, because "now" and the heartbeat may come from two servers with two clocks (a
+mongos and a shard primary, an old and a new primary).
+
+All the lock's I/O is pinned to the primary with majority read and write concern
+(``drivers.pinned_collection``) and carries a deadline, so that no decision rests on a stale or
+rolled-back copy and no call outlives its budget.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,15 +31,14 @@ from typing import Any, TypeVar
 
 import anyio
 from pymongo import ReturnDocument
-from pymongo.errors import ConnectionFailure, DuplicateKeyError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, WriteConcernError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from .control import CONTROL_ID, HELD_FIELDS, Control, Owner, failure_record, parse_control
-from .drivers import address_of, majority_collection, server_time
+from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .history import Entry, History
 from .migrations import Migration
-from .report import log_fields
 from .waiting import Deadline, WaitPolicy
 
 log = logging.getLogger("bootmigrate")
@@ -80,11 +87,24 @@ class ControlLock:
         self, db: Any, *, collection: str, history: str, owner: Owner, waiting: WaitPolicy
     ) -> None:
         self.db = db
-        self.collection = majority_collection(db, collection)
+        self.collection = pinned_collection(db, collection, owner.lease)
         self.collection_name = collection
         self.owner = owner
         self.waiting = waiting
-        self.history = History(majority_collection(db, history), owner)
+        self.history = History(pinned_collection(db, history, owner.lease), owner)
+        self._sighting: tuple[tuple[int, str | None, int], float] | None = None
+
+    def observed(self, control: Control, assumed: float | None = None) -> Lease:
+        """The lease of a held lock as this process has watched it: how long, on this
+        process's monotonic clock, its heartbeat has not moved (its token, acquisition and
+        beat counter unchanged since first seen). No server's clock enters the decision, so
+        that two servers' clocks are never compared."""
+        lease = control.recorded_lease or assumed
+        state = (control.token, control.acquisition, control.beats)
+        now = time.monotonic()
+        if self._sighting is None or self._sighting[0] != state:
+            self._sighting = (state, now)
+        return Lease(now - self._sighting[1], lease)
 
     async def read(self) -> Control:
         """The control document, validated (one ``find_one``)."""
@@ -95,9 +115,10 @@ class ControlLock:
     async def lease_of(
         self, control: Control, deadline: Deadline | None = None, *, assumed: float | None = None
     ) -> Lease:
-        """The lease of a held lock, both instants on the server's clock, so that no client's
-        clock enters the decision. ``assumed`` stands in for a lease its holder did not record
-        (a waiter judges such a holder by its own lease; an operator's view shows none)."""
+        """The lease of a held lock as the server's clock shows it: the age of its last
+        heartbeat by the clock of the server answering now. For people only (``status``):
+        after a failover, or through a mongos, that is a second clock, so it never decides.
+        ``assumed`` stands in for a lease its holder did not record."""
         lease = control.recorded_lease or assumed
         if not control.locked or control.heartbeat is None:
             return Lease(None, lease)
@@ -107,13 +128,14 @@ class ControlLock:
 
     # -- taking the lock ---------------------------------------------------------------------
 
-    async def acquire(self, seen: Control) -> HeldLock | None:
+    async def acquire(self, seen: Control, deadline: Deadline) -> HeldLock | None:
         """Take a free lock at the version planned from (creating the document if there is
         none); ``None`` if another process got there first."""
         # Shielded: a lock taken by a write whose reply was abandoned would sit unused until
         # its lease ran out. A cancellation pending meanwhile lands at the holder's first
-        # checkpoint, which releases the lock.
-        with anyio.CancelScope(shield=True):
+        # checkpoint, which releases the lock. Bounded all the same: a server that never
+        # answers must not hold the call past its deadline.
+        with anyio.CancelScope(shield=True), deadline.bound():
             if not seen.exists:
                 held = await self._create(version=0, owner=self.owner)
             else:
@@ -124,8 +146,14 @@ class ControlLock:
         return HeldLock(self, held) if held is not None else None
 
     def adopt(self, seen: Control) -> HeldLock | None:
-        """The lock, if ``seen`` shows our own acquire went through though its reply was lost."""
-        if seen.locked and not seen.stuck and (seen.owner or {}).get("id") == self.owner.id:
+        """The lock, if ``seen`` (a majority read) shows our own acquire went through though
+        its reply was lost: it names this process's own id and carries an acquisition id."""
+        if (
+            seen.locked
+            and not seen.stuck
+            and seen.acquisition is not None
+            and (seen.owner or {}).get("id") == self.owner.id
+        ):
             return HeldLock(self, seen)
         return None
 
@@ -140,51 +168,30 @@ class ControlLock:
         """
         if seen.heartbeat is None or not seen.owner:
             raise LockBusy(seen)  # a lock with no lease is never presumed dead
-        lease = await self.lease_of(seen, deadline, assumed=self.owner.lease)
+        lease = self.observed(seen, assumed=self.owner.lease)
         if not lease.expired:
             raise LockBusy(seen)
         running = seen.running
         interrupted = known.get(running["version"]) if running else None
         if running and not (interrupted and interrupted.safe_to_repeat):
-            await self._mark_interrupted(seen, lease)
+            await self._mark_interrupted(seen, lease, deadline)
             return None
         log.warning(
-            "taking over the migration lock from %s: no heartbeat for %.1f s (lease %g s)%s",
+            "taking over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s)%s",
             seen.describe_owner(),
             lease.silent_for,
             lease.lease,
             f"; re-running idempotent migration {running['version']}" if running else "",
         )
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), deadline.bound():
             held = await self._swap(_unbeaten(seen), {})
         return HeldLock(self, held) if held is not None else None
 
-    async def release_abandoned(self, seen: Control, deadline: Deadline) -> None:
-        """Release a lock whose holder died after its last migration: nothing was interrupted,
-        so take it over and release it, sparing operators an unlock."""
-        if seen.heartbeat is None or not seen.owner:
-            return
-        lease = await self.lease_of(seen, deadline, assumed=self.owner.lease)
-        if not lease.expired:
-            return  # alive: it is migrating beyond this build's target
-        with anyio.CancelScope(shield=True):
-            held = await self._swap(_unbeaten(seen), {})
-            if held is not None:
-                # One try, not a holder's retries: a failure goes back to the waiter's own loop.
-                await self.collection.update_one(_fence(held.token), _RELEASED)
-                log.warning(
-                    "released the migration lock left by %s, silent for %.1f s after its last "
-                    "migration",
-                    seen.describe_owner(),
-                    lease.silent_for,
-                    extra=log_fields("dead_lock_released", holder=seen.owner),
-                )
-
-    async def retry_failed(self, seen: Control) -> HeldLock | None:
+    async def retry_failed(self, seen: Control, deadline: Deadline) -> HeldLock | None:
         """Take a lock stuck by a failure, only if it is still exactly as ``seen``; recorded in
         history as a manual ``retry-on-new-build`` action."""
         failure = seen.failure or {}
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), deadline.bound():
             held = await self._swap(_failed_as(seen), {"$unset": {"failure": "", "running": ""}})
             if held is not None:
                 note = (
@@ -198,10 +205,10 @@ class ControlLock:
                 await self.history.record(entry)
         return HeldLock(self, held) if held is not None else None
 
-    async def skip_fresh(self, version: int) -> bool:
+    async def skip_fresh(self, version: int, deadline: Deadline) -> bool:
         """Record a database with no control document as being at ``version`` without running
         anything (Rocket.Chat's way); ``False`` if another process created the document first."""
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), deadline.bound():
             if await self._create(version=version, owner=None) is None:
                 return False
             await self.history.record(
@@ -290,13 +297,13 @@ class ControlLock:
             return None
         return None if doc is None else parse_control(doc, self.collection_name)
 
-    async def _mark_interrupted(self, seen: Control, lease: Lease) -> None:
+    async def _mark_interrupted(self, seen: Control, lease: Lease, deadline: Deadline) -> None:
         """Stick a dead holder's lock whose migration cannot be re-run (a compare-and-swap,
         like a takeover), and record the interruption in history."""
         running = seen.running or {}
         error = (
-            f"holder {seen.describe_owner()} stopped heartbeating for {lease.silent_for:.1f} s "
-            "inside this migration (killed or crashed)"
+            f"holder {seen.describe_owner()} was seen giving no heartbeat for "
+            f"{lease.silent_for:.1f} s inside this migration (killed or crashed)"
         )
         failure = failure_record(
             "interrupted",
@@ -305,13 +312,13 @@ class ControlLock:
             error=error,
             detected_by=f"{self.owner.host} (pid {self.owner.pid})",
         )
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), deadline.bound():
             result = await self.collection.update_one(
                 _unbeaten(seen),
                 {
                     "$set": {"failure": failure},
                     "$inc": {"token": 1},
-                    "$unset": {"heartbeat": "", "owner": "", "running": ""},
+                    "$unset": {"heartbeat": "", "owner": "", "running": "", "acquisition": ""},
                 },
             )
             if result.modified_count:
@@ -328,13 +335,16 @@ class ControlLock:
 
 
 class HeldLock:
-    """One acquisition of the lock, bound to its token.
+    """One acquisition of the lock, bound to its token and acquisition id.
 
-    Every write to the control document is fenced on the token. Bookkeeping writes (start,
+    Every write to the control document is fenced on both. Bookkeeping writes (start,
     advance, release, stick, and history records) are also shielded from cancellation and
-    retried on connection loss for at most one lease; inside a transaction they join it
-    instead. Once the lock is known lost (a fenced write matched nothing, or no heartbeat got
-    through for a lease) every further write is refused before it is sent, history records
+    retried on transient errors for at most one lease, each attempt bounded by what is left of
+    it; inside a transaction they join it instead. A re-sent write has no further effect: the
+    control writes are idempotent under the fence (a release is recognised as already done),
+    and a history record keeps the ``_id`` it was first sent with. Once the lock is known lost
+    (a fenced write matched nothing, no heartbeat got through for a lease, or a write found no
+    server for a lease) every further write is refused before it is sent, history records
     included (those are not fenced by the server, so this rule is what stops them).
     """
 
@@ -342,9 +352,13 @@ class HeldLock:
         self._lock = lock
         self.control = control
         self.token = control.token
+        self.acquisition = control.acquisition
         self.lost = False
-        self._in_transaction = False
-        self._beaten_at = 0.0  # when a transaction's commit last refreshed the heartbeat
+        # Held by a heartbeat in flight and by a transaction for its whole life: a beat landing
+        # inside a transaction's snapshot would make the transaction's own write to the control
+        # document conflict (WriteConflict), so the two never overlap.
+        self._serial = anyio.Lock()
+        self._last_contact = time.monotonic()  # when the server last confirmed the lock ours
 
     @property
     def collection_name(self) -> str:
@@ -363,7 +377,8 @@ class HeldLock:
             "$currentDate": {"running.progress.at": True},
         }
         self._refuse_if_lost()
-        await self._fenced(update)
+        with anyio.fail_after(self._lock.owner.lease):
+            await self._fenced(update)
 
     async def advance(self, version: int, session: Any = None) -> None:
         """Record a finished migration: the version reached, and no migration running. Given
@@ -378,8 +393,18 @@ class HeldLock:
         await self._bookkeeping(lambda: self._fenced(update, session), session)
 
     async def release(self) -> None:
-        """Unlock at the version reached; ``token`` stays, so that it keeps increasing."""
-        await self.write(lambda: self._fenced(_RELEASED))
+        """Unlock at the version reached; ``token`` stays, so that it keeps increasing. A
+        re-sent release that finds the lock already released by its first try (whose reply
+        was lost) or since acquired by another process is done, not lost."""
+        sent = False
+
+        async def release_once() -> None:
+            nonlocal sent
+            done_if = self._released_since() if sent else None
+            sent = True
+            await self._fenced(_RELEASED, done_if=done_if)
+
+        await self.write(release_once)
 
     async def stick(self, failure: dict[str, Any]) -> None:
         """Leave the lock held on purpose with the failure recorded, for an operator."""
@@ -390,37 +415,37 @@ class HeldLock:
         await self.write(lambda: self._fenced(update))
 
     async def record(self, entry: Entry, session: Any = None) -> None:
-        """A history record of this holder's work; in the transaction of ``session`` if given."""
-        await self._bookkeeping(lambda: self._lock.history.record(entry, session), session)
+        """A history record of this holder's work; in the transaction of ``session`` if given.
+        The record is built once, so a re-sent insert carries the same ``_id`` and adds
+        nothing."""
+        history = self._lock.history
+        doc = history.document(entry)
+        await self._bookkeeping(lambda: history.insert(doc, session), session)
 
     async def heartbeat(self) -> bool:
-        """Refresh the lease on the server's clock; ``False`` once the lock is no longer ours."""
+        """Refresh the lease; ``False`` once the lock is no longer ours."""
         self._refuse_if_lost()
-        result = await self._lock.collection.update_one(
-            _fence(self.token), {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}}
-        )
-        return bool(result.matched_count)
+        async with self._serial:
+            return await self._beat()
 
     async def keep_alive(self, stop: Callable[[], None]) -> None:
-        """Beat every lease/3 until cancelled; once the lock may not be ours, mark it lost and
-        call ``stop`` (which cancels the migrations)."""
+        """Beat every lease/3 until cancelled; once the lock may not be ours (a beat found it
+        gone, or nothing confirmed it for a whole lease), mark it lost and call ``stop``
+        (which cancels the migrations)."""
         lease = self._lock.owner.lease
-        last_beat = time.monotonic()
         while True:
             await anyio.sleep(lease / 3)
-            if self._in_transaction:
-                continue  # a beat would conflict with the transaction; it is short by design
-            last_beat = max(last_beat, self._beaten_at)
             ours: bool | None = None
-            with anyio.move_on_after(max(last_beat + lease - time.monotonic(), 0.0)):
+            with anyio.move_on_after(max(self._last_contact + lease - time.monotonic(), 0.0)):
                 try:
                     ours = await self.heartbeat()
+                except LockLost:
+                    ours = False
                 except Exception as exc:  # keep beating; the lease decides when to give up
                     log.warning("heartbeat failed: %s", exc)
             if ours:
-                last_beat = time.monotonic()
                 continue
-            if ours is False or time.monotonic() - last_beat >= lease:
+            if ours is False or time.monotonic() - self._last_contact >= lease:
                 log.error(
                     "lost the migration lock (token %d); stopping without further writes",
                     self.token,
@@ -431,18 +456,17 @@ class HeldLock:
 
     @asynccontextmanager
     async def transaction_window(self) -> AsyncIterator[None]:
-        """Around a transaction that writes the control document: beat just before, and pause
-        the heartbeat meanwhile (a beat would conflict with the transaction's own write)."""
+        """Around a transaction that writes the control document: beat just before, and keep
+        the heartbeat out meanwhile (its transaction's own fenced write refreshes it)."""
         self._refuse_if_lost()
-        if not await self.heartbeat():
-            self.lost = True
-            raise self.lost_error("before a transaction")
-        self._in_transaction = True
-        try:
+        async with self._serial:
+            with anyio.fail_after(self._lock.owner.lease):
+                ours = await self._beat()
+            if not ours:
+                self.lost = True
+                raise self.lost_error("before a transaction")
             yield
-        finally:
-            self._in_transaction = False
-            self._beaten_at = time.monotonic()
+        self._last_contact = time.monotonic()  # committed: its fenced write beat for us
 
     def lost_error(self, during: str) -> LockLost:
         """The error that says this lock was lost ``during`` something."""
@@ -453,14 +477,16 @@ class HeldLock:
 
     async def write(self, write: Callable[[], Awaitable[T]]) -> T:
         """A bookkeeping write: refused once the lock is lost, shielded from cancellation, and
-        retried on connection loss for at most one lease (after that the lock may no longer
-        be ours anyway)."""
+        retried on transient errors for at most one lease, each attempt bounded by what is left
+        of it. After a lease without an answer the lock may have been taken over: the lock is
+        then treated as lost, and nothing more is written."""
         self._refuse_if_lost()
         lease = self._lock.owner.lease
+        ends = time.monotonic() + lease
         with anyio.CancelScope(shield=True):
             try:
                 async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(ConnectionFailure),
+                    retry=retry_if_exception(worth_retrying),
                     wait=self._lock.waiting.write_retry_backoff(),
                     stop=stop_after_delay(lease),
                     reraise=True,
@@ -468,12 +494,26 @@ class HeldLock:
                     with attempt:
                         # Again before every retry: the heartbeat may have given up meanwhile.
                         self._refuse_if_lost()
-                        return await write()
-            except ConnectionFailure as exc:
+                        with anyio.fail_after(max(ends - time.monotonic(), 0.001)):
+                            result = await write()
+                        self._last_contact = time.monotonic()
+                        return result
+            except Exception as exc:
+                if not worth_retrying(exc):
+                    raise
+                self.lost = True
                 raise DatabaseUnavailable(
                     address=address_of(self._lock.db), seconds=lease, cause=str(exc), holding=True
                 ) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _beat(self) -> bool:
+        result = await self._lock.collection.update_one(
+            self._fence(), {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}}
+        )
+        if result.matched_count:
+            self._last_contact = time.monotonic()
+        return bool(result.matched_count)
 
     async def _bookkeeping(self, write: Callable[[], Awaitable[None]], session: Any) -> None:
         """Inside a transaction a write joins it: no shield and no retry of its own (the
@@ -488,16 +528,37 @@ class HeldLock:
         if self.lost:
             raise self.lost_error("and refused a further write")
 
-    async def _fenced(self, update: dict[str, Any], session: Any = None) -> None:
-        doc = await self._lock.collection.find_one_and_update(
-            _fence(self.token),
-            update,
-            return_document=ReturnDocument.AFTER,
-            session=session,
+    def _fence(self) -> dict[str, Any]:
+        return _fence(self.token, self.acquisition)
+
+    def _released_since(self) -> dict[str, Any]:
+        """The control document as it is once this acquisition's release went through: free
+        with its token, or since taken with a later one."""
+        return {
+            "_id": CONTROL_ID,
+            "$or": [{"locked": False, "token": self.token}, {"token": {"$gt": self.token}}],
+        }
+
+    async def _fenced(
+        self, update: dict[str, Any], session: Any = None, *, done_if: dict[str, Any] | None = None
+    ) -> None:
+        collection = self._lock.collection
+        doc = await collection.find_one_and_update(
+            self._fence(), update, return_document=ReturnDocument.AFTER, session=session
         )
-        if doc is None:
-            self.lost = True
-            raise self.lost_error("when its next write found the lock gone")
+        if doc is not None:
+            return
+        if done_if is not None and await collection.find_one(done_if, {"_id": 1}) is not None:
+            return  # an earlier try went through; only its reply was lost
+        self.lost = True
+        raise self.lost_error("when its next write found the lock gone")
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Errors after which the same write may simply be sent again: no answer in time, a lost
+    connection, or a majority that did not confirm in time (the write stands on the primary,
+    and sending it again is harmless)."""
+    return isinstance(exc, (ConnectionFailure, TimeoutError, WriteConcernError))
 
 
 def describe_lock(control: Control, lease: Lease) -> str:
@@ -518,16 +579,23 @@ def describe_lock(control: Control, lease: Lease) -> str:
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
 
 
-def _fence(token: int) -> dict[str, Any]:
-    """A filter matching the control document only while ``token``'s holder has the lock."""
-    return {"_id": CONTROL_ID, "locked": True, "token": token}
+def _fence(token: int, acquisition: str | None) -> dict[str, Any]:
+    """A filter matching the control document only while this acquisition holds the lock.
+    The token alone is not enough: an acquire rolled back at a failover can leave the same
+    token number to be handed to another process; its acquisition id is its own."""
+    return {"_id": CONTROL_ID, "locked": True, "token": token, "acquisition": acquisition}
 
 
 def _taken_by(owner: Owner) -> dict[str, Any]:
     """The update that makes ``owner`` the holder: a new token, a fresh heartbeat (on the
     server's clock) and beat counter."""
     return {
-        "$set": {"locked": True, "owner": owner.as_document(), "beats": 0},
+        "$set": {
+            "locked": True,
+            "owner": owner.as_document(),
+            "beats": 0,
+            "acquisition": uuid.uuid4().hex,
+        },
         "$inc": {"token": 1},
         "$currentDate": {"heartbeat": True, "locked_at": True},
     }
@@ -551,6 +619,7 @@ def _unbeaten(seen: Control) -> dict[str, Any]:
         "_id": CONTROL_ID,
         "locked": True,
         "token": seen.token,
+        "acquisition": seen.acquisition,  # None matches a lock from before acquisition ids
         "beats": seen.beats,
         "failure": None,
     }

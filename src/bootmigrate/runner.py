@@ -205,11 +205,12 @@ class Runner:
             control = await self._read(deadline)
             plan = self._plan(control)
             if not plan.steps:
-                if control.locked and not control.stuck and control.running is None:
-                    await self.lock.release_abandoned(control, deadline)
+                # A lock abandoned after its last migration is left alone here: telling a dead
+                # holder from a live one takes watching it for a lease, which an up-to-date boot
+                # must not pay. The next boot with work to do takes it over.
                 return self._nothing_to_do(control, plan)
             if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
-                if not await self.lock.skip_fresh(plan.to_version):
+                if not await self.lock.skip_fresh(plan.to_version, deadline):
                     continue  # another replica created it first: decide again from its copy
                 log.info(
                     "fresh database: set to version %d without running migrations",
@@ -225,10 +226,10 @@ class Runner:
         if control.stuck:
             if not self._may_retry(control):
                 raise ControlLocked("stuck", control, collection=self.lock.collection_name)
-            return await self._retry_failed(control)
+            return await self._retry_failed(control, deadline)
         if not control.locked:
             await self._check_transactions(plan)
-            return await self.lock.acquire(control)
+            return await self.lock.acquire(control, deadline)
         adopted = self.lock.adopt(control)
         if adopted is not None:
             return adopted
@@ -310,8 +311,8 @@ class Runner:
             and failure.get("build") != self.lock.owner.build
         )
 
-    async def _retry_failed(self, control: Control) -> HeldLock | None:
-        held = await self.lock.retry_failed(control)
+    async def _retry_failed(self, control: Control, deadline: Deadline) -> HeldLock | None:
+        held = await self.lock.retry_failed(control, deadline)
         if held is not None:
             failure = control.failure or {}
             log.warning(
