@@ -7,6 +7,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import anyio
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy, failing after ``timeout``."""
@@ -18,6 +20,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(every)
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.02
+) -> Any:
+    """:func:`wait_until` for a coroutine: napping lets the event loop run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await anyio.sleep(every)
 
 
 def wait_past_lease(sync_db: Any, heartbeat: datetime, lease: float, whose: str) -> None:
