@@ -81,17 +81,30 @@ class fail_point:  # lower case: it reads as a call, ``async with fail_point(...
         self.name = name
         self.on = {"configureFailPoint": name, "mode": mode, "data": data}
         self.off = {"configureFailPoint": name, "mode": "off"}
+        self.count = 0  # times the fail point had fired before this block set it
 
     async def __aenter__(self) -> fail_point:
-        await self.admin.command(self.on)
+        self.count = int((await self.admin.command(self.on)).get("count", 0))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.admin.command(self.off)
 
     def __enter__(self) -> fail_point:
-        self.admin.command(self.on)
+        self.count = int(self.admin.command(self.on).get("count", 0))
         return self
+
+    def wait_entered(self, times: int = 1, timeout: float = 30.0) -> Any:
+        """Until the fail point has fired ``times`` times since this block set it (the
+        server's ``waitForFailPoint``); fails after ``timeout`` s. Await it with an async
+        driver."""
+        return self.admin.command(
+            {
+                "waitForFailPoint": self.name,
+                "timesEntered": self.count + times,
+                "maxTimeMS": int(timeout * 1000),
+            }
+        )
 
     def __exit__(self, *exc_info: object) -> None:
         self.admin.command(self.off)

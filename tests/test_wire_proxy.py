@@ -4,21 +4,39 @@
 
 from __future__ import annotations
 
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
+import bson
 import pytest
+from pymongo import MongoClient
 from pymongo.errors import AutoReconnect, OperationFailure, WriteConcernError
 
 from bootmigrate.drivers import open_change_stream, transaction
 from tests.clients import open_client
 from tests.fail_points import command_counts, fail_point, needs_proxy, with_app_name
-from tests.wire_proxy import WireProxy
+from tests.migration_files import recording_migrations
+from tests.processes import Replicas, boot
+from tests.wire_proxy import (
+    CHECKSUM_PRESENT,
+    OP_MSG,
+    OP_QUERY,
+    LegacyQuery,
+    Message,
+    WireProxy,
+    join_op_msg,
+    op_msg_body,
+    parse_command,
+    split_op_msg,
+    without_compression,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -200,7 +218,9 @@ async def test_command_counts_by_app_name(
     assert command_counts(fault_proxy)["find"] >= 3
 
 
-async def test_compression_is_never_negotiated(driver: str, fault_proxy: WireProxy) -> None:
+async def test_a_client_offering_compression_works_through_the_proxy(
+    driver: str, fault_proxy: WireProxy
+) -> None:
     async with proxied(driver, fault_proxy.uri, compressors="zlib") as zipped:
         reply = await zipped.admin.command("hello")
         assert "compression" not in reply
@@ -212,3 +232,85 @@ async def test_a_mistyped_fail_point_is_refused(client: Any) -> None:
     with pytest.raises(OperationFailure, match="failCommands"):
         async with fail_point(client, "alwaysOn", failComands=["find"], errorCode=2):
             pass
+
+
+async def test_wait_entered_returns_once_a_command_is_held(
+    driver: str, fault_uri: str, client: Any, sync_db: Any
+) -> None:
+    async with (
+        proxied(driver, with_app_name(fault_uri, "held")) as held,
+        fail_point(
+            client,
+            {"times": 1},
+            failCommands=["find"],
+            blockConnection=True,
+            blockTimeMS=300,
+            appName="held",
+        ) as point,
+        anyio.create_task_group() as tasks,
+    ):
+        found: list[Any] = []
+
+        async def find() -> None:
+            found.append(await held[sync_db.name].things.find_one())
+
+        tasks.start_soon(find)
+        assert (await point.wait_entered(timeout=10))["ok"] == 1
+    assert found == [None]  # the held find went on after the block
+
+
+def test_the_synchronous_driver_sets_fail_points_too(fault_uri: str, sync_db: Any) -> None:
+    with MongoClient(fault_uri, retryReads=False) as client:
+        things = client[sync_db.name].things
+        with (
+            fail_point(client, {"times": 1}, failCommands=["find"], errorCode=NOT_RETRYABLE),
+            pytest.raises(OperationFailure),
+        ):
+            things.find_one()
+        assert things.find_one() is None
+
+
+@pytest.mark.multiprocess
+def test_a_worker_process_connects_under_its_app_name(
+    fault_uri: str, fault_proxy: WireProxy, sync_db: Any, driver: str, tmp_path: Path
+) -> None:
+    app = f"worker-{uuid.uuid4().hex[:8]}"
+    migrations = recording_migrations(tmp_path, 2)
+    result = boot(Replicas(with_app_name(fault_uri, app), sync_db, driver, migrations))
+    assert (result["exit_code"], result["applied"]) == (0, [1, 2])
+    assert command_counts(fault_proxy, app)["ping"] == 1  # the worker's own first command
+
+
+def handshake(op_code: int) -> Message:
+    body = {"isMaster": 1, "helloOk": True, "compression": ["zlib"], "client": {}}
+    if op_code == OP_QUERY:
+        query = LegacyQuery(0, "admin.$cmd", 0, -1, bson.encode(body), b"")
+        return Message(7, 0, OP_QUERY, query.to_payload())
+    return Message(7, 0, OP_MSG, join_op_msg(0, [(0, bson.encode({**body, "$db": "admin"}))]))
+
+
+@pytest.mark.parametrize("op_code", [OP_QUERY, OP_MSG], ids=["OP_QUERY", "OP_MSG"])
+def test_a_handshake_leaves_the_proxy_offering_no_compression(op_code: int) -> None:
+    offered = handshake(op_code)
+    command = parse_command(offered)
+    assert command is not None and command.body["compression"] == ["zlib"]
+    relayed = parse_command(without_compression(offered, command))
+    assert relayed is not None
+    assert "compression" not in relayed.body
+    assert (relayed.name, relayed.db, relayed.body["helloOk"]) == ("isMaster", "admin", True)
+
+
+def test_op_msg_document_sequences_and_checksum_survive_a_rewrite() -> None:
+    body = bson.encode({"insert": "things", "$db": "db", "compression": ["zlib"]})
+    docs = b"".join(bson.encode({"_id": i}) for i in range(3))
+    sequence = struct.pack("<i", 4 + len(b"documents\x00") + len(docs)) + b"documents\x00" + docs
+    payload = join_op_msg(0, [(0, body), (1, sequence)]) + b"\x00\x00\x00\x00"
+    payload = struct.pack("<I", CHECKSUM_PRESENT) + payload[4:]  # flag + four checksum bytes
+    message = Message(1, 0, OP_MSG, payload)
+    command = parse_command(message)
+    assert command is not None and command.namespace == "db.things"
+    rewritten = without_compression(message, command)
+    flags, sections = split_op_msg(rewritten.payload)
+    assert flags & CHECKSUM_PRESENT == 0  # the bytes changed: no stale checksum
+    assert sections[1] == (1, sequence)
+    assert "compression" not in op_msg_body(rewritten.payload)

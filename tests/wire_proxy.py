@@ -270,6 +270,21 @@ def parse_command(message: Message) -> Command | None:
     return None
 
 
+def without_compression(message: Message, command: Command) -> Message:
+    """A handshake that offers no compressor, so the server agrees to none and OP_COMPRESSED
+    never appears (were it to, it would be relayed untouched, unread)."""
+    if "compression" not in command.body:
+        return message
+    body = {k: v for k, v in command.body.items() if k != "compression"}
+    if message.op_code == OP_MSG:
+        payload = replace_op_msg_body(message.payload, body)
+    else:
+        query = LegacyQuery.parse(message.payload)
+        query.query = bson.encode(body, codec_options=CODEC)
+        payload = query.to_payload()
+    return Message(message.request_id, message.response_to, message.op_code, payload)
+
+
 def error_labels(code: int, command: Command) -> list[str]:
     """The labels a 4.4+ server adds to an error with this code on this command."""
     if command.in_transaction and command.name not in ("commitTransaction", "abortTransaction"):
@@ -563,16 +578,7 @@ class _Link:
         if isinstance(client, dict) and self.app_name is None:
             name = client.get("application", {}).get("name")
             self.app_name = str(name) if name is not None else None
-        if "compression" not in command.body:
-            return message
-        body = {k: v for k, v in command.body.items() if k != "compression"}
-        if message.op_code == OP_MSG:
-            payload = replace_op_msg_body(message.payload, body)
-        else:
-            query = LegacyQuery.parse(message.payload)
-            query.query = bson.encode(body, codec_options=CODEC)
-            payload = query.to_payload()
-        return Message(message.request_id, message.response_to, message.op_code, payload)
+        return without_compression(message, command)
 
     async def _server_to_client(self, server_reader: asyncio.StreamReader) -> None:
         while (message := await read_message(server_reader)) is not None:
