@@ -10,12 +10,16 @@ from typing import Any
 
 import anyio
 import pytest
+from pymongo import MongoClient
+from pymongo.uri_parser import parse_uri
 
 from tests.clients import DRIVERS, open_client
 from tests.databases import new_db_name, sync_database
+from tests.fail_points import all_fail_points_off, on_real_mongodb
 from tests.migration_files import STEP, write_migrations
 from tests.operator_cli import Cli
 from tests.server import SecantusDaemon
+from tests.wire_proxy import WireProxy
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +144,44 @@ def cli(mongo_uri: str, sync_db: Any, driver: str, tmp_path: Path) -> Cli:
         "BOOTMIGRATE_DRIVER": driver,
     }
     return Cli(env, sync_db, migrations)
+
+
+# The fault instrument: a wire proxy answering configureFailPoint in front of SecantusDB, or
+# the real MongoDB itself (see tests/fail_points.py and docs/reliability.md).
+
+
+@pytest.fixture(scope="module")
+def fault_proxy(mongo_uri: str) -> Iterator[WireProxy]:
+    """The module's server behind a wire proxy with fail points; skipped on a real MongoDB,
+    whose own fail points tests use instead."""
+    if on_real_mongodb():
+        pytest.skip("the wire proxy stands in for fail points SecantusDB lacks")
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    with WireProxy(f"{host}:{port}") as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def fault_uri(request: pytest.FixtureRequest) -> str:
+    """Where a test connects to be able to inject faults: the proxy, or MONGODB_URI."""
+    if on_real_mongodb():
+        return os.environ["MONGODB_URI"]
+    proxy: WireProxy = request.getfixturevalue("fault_proxy")
+    return proxy.uri
+
+
+@pytest.fixture(autouse=True)
+def fail_points_off(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every fail point is off after each test that can set one, whatever it did."""
+    if not {"fault_uri", "fault_proxy"} & set(request.fixturenames):
+        yield
+        return
+    if on_real_mongodb():
+        uri: str = request.getfixturevalue("fault_uri")
+        yield
+        with MongoClient(uri, serverSelectionTimeoutMS=5000) as admin_client:
+            all_fail_points_off(admin_client)
+    else:
+        proxy: WireProxy = request.getfixturevalue("fault_proxy")
+        yield
+        proxy.fail_points.all_off()
