@@ -118,6 +118,8 @@ FERRETDB_2_HELLO = {
 # replicaSet=globaldb in the connection string Azure hands out (so hello's setName is
 # "globaldb": a driver refuses a member whose setName differs); endpoint format from
 # MicrosoftDocs/azure-databases-docs, articles/cosmos-db/mongodb/feature-support-70.md.
+# No full Cosmos reply is published: the other fields are MongoDB's, and only the host name
+# and setName are Cosmos's own.
 COSMOS_RU_HOSTS = ["myaccount.mongo.cosmos.azure.com:10255"]
 COSMOS_RU_HELLO = {
     **MONGODB_COMMON,
@@ -149,8 +151,10 @@ COSMOS_OLD_BUILD_INFO = {
 # connection string in Microsoft's documentation and the same mongodb-build-info fixtures.
 COSMOS_VCORE_HOSTS = ["fc-1234567890ab-000.mongocluster.cosmos.azure.com:10260"]
 # Amazon DocumentDB: *.docdb.amazonaws.com with replicaSet=rs0 (the AWS developer guide,
-# "Connecting to Amazon DocumentDB as a replica set", and mongodb-build-info's fixtures);
-# it reports the MongoDB API version it is compatible with (4.0, 5.0 or 8.0).
+# "Connecting to Amazon DocumentDB as a replica set", and mongodb-build-info's fixtures). No
+# full reply is published either: buildInfo is reduced here to a version, assumed to be the
+# MongoDB API version DocumentDB documents compatibility with (4.0, 5.0, 8.0); DocumentDB is
+# recognised by its host name, as MongoDB's own tools do.
 DOCUMENTDB_HOSTS = ["docdb-2026-01-01.cluster-abc.eu-central-1.docdb.amazonaws.com:27017"]
 DOCUMENTDB_HELLO = {**MONGODB_COMMON, "setName": "rs0", "hosts": DOCUMENTDB_HOSTS}
 DOCUMENTDB_BUILD_INFO = {"version": "5.0.0", "versionArray": [5, 0, 0, 0], "ok": 1.0}
