@@ -23,16 +23,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: f
 
 
 async def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.02
+    predicate: Callable[[], Any], within: float, what: str, every: float = 0.02
 ) -> Any:
     """:func:`wait_until` for a coroutine: napping lets the event loop run meanwhile."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
         await anyio.sleep(every)
 
 

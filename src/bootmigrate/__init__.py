@@ -19,6 +19,7 @@ from .errors import (
 from .migrations import Migration, load_migrations
 from .report import MigrationReport
 from .runner import migrate
+from .servers import UnsupportedServer
 from .settings import Settings
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "MigrationFailed",
     "MigrationReport",
     "Settings",
+    "UnsupportedServer",
     "UnsupportedUpgrade",
     "load_migrations",
     "migrate",

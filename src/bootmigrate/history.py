@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from bson import ObjectId
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from .control import Owner, utc_now
 from .plan import Direction
@@ -18,6 +18,9 @@ Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
 
 # Enough of a traceback to find the failing line without bloating the control document.
 TRACEBACK_TAIL_CHARS = 2000
+
+# The error code of `create` for a collection that already exists (NamespaceExists).
+NAMESPACE_EXISTS = 48
 
 
 def error_fields(exc: BaseException) -> dict[str, str]:
@@ -63,6 +66,12 @@ class History:
         """The history collection (majority write concern)."""
         return self._coll
 
+    async def ensure_collection(self) -> None:
+        """Create the collection if it does not exist yet. Called before a transaction
+        records into it: Amazon DocumentDB, and MongoDB before 4.4, cannot create a
+        collection inside a transaction."""
+        await create_collection(self._coll)
+
     async def record(self, entry: Entry, session: Any = None) -> None:
         """Insert one record, stamped with this process and the time; inside the transaction
         of ``session`` when one is given."""
@@ -105,3 +114,13 @@ class History:
         except DuplicateKeyError:
             if session is not None:
                 raise  # a transaction's insert is never re-sent on its own
+
+
+async def create_collection(coll: Any) -> None:
+    """Create ``coll`` (majority write concern) outside any transaction; one that already
+    exists is left as it is."""
+    try:
+        await coll.database.command("create", coll.name, writeConcern={"w": "majority"})
+    except OperationFailure as exc:
+        if exc.code != NAMESPACE_EXISTS:
+            raise

@@ -19,7 +19,7 @@ from pymongo.errors import ConnectionFailure
 from .apply import Applier
 from .checksums import find_drift
 from .control import Control, Owner
-from .drivers import address_of, detect_driver, supports_transactions
+from .drivers import address_of, detect_driver
 from .envvar import ENV_VAR, parse_version_request
 from .errors import (
     ControlLocked,
@@ -33,6 +33,7 @@ from .lock import ControlLock, HeldLock, LockBusy
 from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
 from .plan import Plan, Target, latest_version, plan_for, resolve_target
 from .report import MigrationReport, log_fields
+from .servers import Server, detect_server, prepare_transactions, refuse_unsafe_lock
 from .settings import Settings
 from .waiting import Deadline, Waiter
 
@@ -176,6 +177,7 @@ class Runner:
         self.by_version: Mapping[int, Migration] = {m.version: m for m in known}
         self.settings = settings
         self.lock = lock
+        self._server: Server | None = None
         self._transactions_checked = False
         self._first_seen: Control | None = None
         self._last_seen: Control | None = None
@@ -226,9 +228,10 @@ class Runner:
         if control.stuck:
             if not self._may_retry(control):
                 raise ControlLocked("stuck", control, collection=self.lock.collection_name)
+            await self._check_server(plan, deadline)
             return await self._retry_failed(control, deadline)
         if not control.locked:
-            await self._check_transactions(plan)
+            await self._check_server(plan, deadline)
             return await self.lock.acquire(control, deadline)
         adopted = self.lock.adopt(control)
         if adopted is not None:
@@ -285,19 +288,24 @@ class Runner:
             ahead=plan.ahead,
         )
 
-    async def _check_transactions(self, plan: Plan) -> None:
-        """Refuse, before taking the lock, a transactional migration the deployment cannot run
-        in a transaction, rather than run it without one."""
+    async def _check_server(self, plan: Plan, deadline: Deadline) -> None:
+        """Before taking the lock (never on the up-to-date path): find out once per call what
+        the server is, and refuse one where the lock cannot be safe, or transactional
+        migrations it cannot run in a transaction, rather than run them without one."""
         wanted = [s.migration.label() for s in plan.steps if s.migration.transactional]
-        if wanted and not self._transactions_checked:
-            if not await supports_transactions(self.db):
-                raise InvalidMigrations(
-                    f"migration {', '.join(wanted)} declares `transactional = True`, but this "
-                    "deployment does not support transactions (a standalone server). Run it on "
-                    "a replica set (a one-node replica set will do), or remove the declaration; "
-                    "nothing was run."
+        with deadline.bound():
+            if self._server is None:
+                self._server = await detect_server(self.db)
+                refuse_unsafe_lock(self._server)
+            if wanted and not self._transactions_checked:
+                await prepare_transactions(
+                    self.db,
+                    self._server,
+                    wanted,
+                    control=self.lock.collection,
+                    history=self.lock.history,
                 )
-            self._transactions_checked = True
+                self._transactions_checked = True
 
     def _may_retry(self, control: Control) -> bool:
         """A lock stuck by a failure is retried only when the operator opted in and this is
