@@ -16,6 +16,8 @@ from typing import Any, Literal
 import anyio
 from pymongo import WriteConcern
 
+from .errors import DatabaseError
+
 Driver = Literal["motor", "pymongo"]
 
 # Matched by name so that neither driver is imported unless the caller uses it.
@@ -105,9 +107,25 @@ async def transaction(db: Any) -> AsyncIterator[Any]:
 
 
 async def server_time(db: Any) -> datetime:
-    """The server's clock (``hello.localTime``), as naive UTC like the dates it stores."""
+    """The server's clock (``hello.localTime``), as naive UTC like the dates it stores.
+
+    Some compatible servers send it as milliseconds since the epoch; one that does not send
+    it at all cannot judge a lease on its own clock, which is refused with a clear error."""
     reply = await db.command("hello")
-    return as_naive_utc(reply["localTime"])
+    now = reply.get("localTime")
+    if isinstance(now, datetime):
+        return as_naive_utc(now)
+    if isinstance(now, int) and not isinstance(now, bool):
+        return datetime.fromtimestamp(now / 1000, timezone.utc).replace(tzinfo=None)
+    raise DatabaseError(
+        operation="read the server's clock to judge the lock holder's lease",
+        code=None,
+        detail=f"the server's `hello` reply has no usable `localTime` (got {now!r})",
+        fix="bootmigrate measures a holder's lease on the server's clock, never a client's; "
+        "use a server that reports it (MongoDB does). Meanwhile, once you know the holder "
+        'is gone, release its lock by hand: updateOne({_id: "control"}, '
+        "{$set: {locked: false}}) on the control collection.",
+    )
 
 
 def as_naive_utc(value: datetime) -> datetime:
