@@ -217,6 +217,27 @@ async def test_up_that_returns_a_value(db: Any) -> None:
     await only_the_failure_was_written(db, before, 1)
 
 
+async def test_a_huge_error_message_is_stored_capped(db: Any) -> None:
+    async def shouts(db: Any) -> None:
+        raise RuntimeError("x" * 1_000_000)
+
+    before = await everything(db)
+    with pytest.raises(MigrationFailed) as caught:
+        await migrate(db, [Migration(1, shouts, name="shouts")])
+
+    await only_the_failure_was_written(db, before, 1)
+    failure = (await db.migrations.find_one({"_id": "control"}))["failure"]
+    (record_,) = await db.migrations_history.find().to_list(None)
+    for stored in (failure, record_):
+        assert stored["error"].startswith("RuntimeError: xxx")
+        assert len(stored["error"]) <= 1100
+        assert "more characters not kept" in stored["error"]
+        # The tail still locates the failure: the message's line is cut, not the frames.
+        assert len(stored["traceback"]) <= 2000
+        assert "in shouts" in stored["traceback"]
+    assert len(caught.value.error) <= 1100
+
+
 async def test_a_migration_that_hangs(db: Any) -> None:
     async def hangs(db: Any) -> None:
         await anyio.sleep_forever()
