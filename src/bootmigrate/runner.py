@@ -10,20 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
-from pymongo.errors import ConnectionFailure
+import anyio
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from .apply import Applier
 from .checksums import find_drift
 from .control import Control, Owner
+from .driver_errors import TryAgain, database_error, describe, is_transient, sorted_errors
 from .drivers import address_of, detect_driver, supports_transactions
 from .envvar import ENV_VAR, parse_version_request
 from .errors import (
     ControlLocked,
     DatabaseAhead,
+    DatabaseError,
     DatabaseUnavailable,
     InvalidMigrations,
     InvalidTarget,
@@ -157,6 +161,30 @@ async def _refuse_drift(lock: ControlLock, known: list[Migration]) -> None:
         )
 
 
+# The most looks at the control document one call makes in any second: a look is two
+# commands (three when a write on the lock missed), so this bounds the rate a waiting,
+# retrying or refused call sends at about ten commands a second.
+LOOKS_PER_SECOND = 3
+
+HOLDER_WRITES = "record progress on the control document and in history, holding the lock"
+
+# Writes matching nothing against an unchanged document, in a row, before it is an error.
+UNMATCHED_LIMIT = 2
+
+
+class _Missed(Exception):
+    """A write on the lock matched nothing; ``unchanged`` is the document when a re-read
+    showed it exactly as tried (``None`` when another process changed it)."""
+
+    def __init__(self, unchanged: Control | None) -> None:
+        super().__init__(
+            "the lock's write matched nothing though the control document did not change"
+            if unchanged
+            else "another process changed the control document under this call's write"
+        )
+        self.unchanged = unchanged
+
+
 @dataclass(frozen=True)
 class _Held:
     """The lock is ours, and this is what to run under it."""
@@ -180,6 +208,8 @@ class Runner:
         self._first_seen: Control | None = None
         self._last_seen: Control | None = None
         self._busy_since: float | None = None
+        self._looks: deque[float] = deque(maxlen=LOOKS_PER_SECOND)
+        self._unmatched: tuple[Control, int] | None = None
 
     async def run(self) -> MigrationReport:
         """Until there is nothing to do (a report) or the lock is ours (then apply)."""
@@ -188,37 +218,112 @@ class Runner:
             self.settings.waiting,
             deadline,
             self.lock.collection,
-            again=(LockBusy, ConnectionFailure),
+            again=(LockBusy, ConnectionFailure, TryAgain, _Missed),
             before_nap=self._before_nap,
         )
         try:
             settled = await waiter.until_settled(lambda: self._attempt(deadline))
-        except (LockBusy, ConnectionFailure, TimeoutError) as exc:
+        except _Missed as exc:
+            if exc.unchanged:  # the deadline came before a second try could confirm it
+                raise self._not_writable(1) from None
+            self._give_up(exc)
+        except (LockBusy, ConnectionFailure, TryAgain, TimeoutError) as exc:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
         applier = Applier(self.db, settled.lock, self.lock.owner, self.settings.migration_timeout)
-        return await applier.apply(settled.plan, self._waited())
+        try:
+            return await applier.apply(settled.plan, self._waited())
+        # A bookkeeping write the held lock did not retry (permanent), or gave up on.
+        except PyMongoError as exc:
+            if not is_transient(exc):
+                raise database_error(HOLDER_WRITES, exc) from exc
+            raise DatabaseUnavailable(
+                address=address_of(self.db),
+                seconds=self.settings.lease,
+                cause=f"{HOLDER_WRITES}: {describe(exc)}",
+                holding=True,
+            ) from exc
 
     async def _attempt(self, deadline: Deadline) -> MigrationReport | _Held:
-        while True:  # loops only when another replica changed the document under us
+        """One look at the control document and, if there is work, one try at the lock.
+
+        A try that matched nothing (another replica got there first) reads again and goes
+        back to the Waiter, which naps before the next try, as it does for a busy lock or a
+        transient error: however the server answers, a call sends a few commands a second
+        at most."""
+        await self._pace(deadline)
+        with sorted_errors("read the control document"):
             control = await self._read(deadline)
-            plan = self._plan(control)
-            if not plan.steps:
-                if control.locked and not control.stuck and control.running is None:
+        plan = self._plan(control)
+        if not plan.steps:
+            if control.locked and not control.stuck and control.running is None:
+                with sorted_errors("release the lock a dead holder left"):
                     await self.lock.release_abandoned(control, deadline)
-                return self._nothing_to_do(control, plan)
-            if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
-                if not await self.lock.skip_fresh(plan.to_version):
-                    continue  # another replica created it first: decide again from its copy
+            return self._nothing_to_do(control, plan)
+        if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
+            with sorted_errors("create the control document (fresh='skip')"):
+                created = await self.lock.skip_fresh(plan.to_version)
+            if created:
                 log.info(
                     "fresh database: set to version %d without running migrations",
                     plan.to_version,
                 )
                 return MigrationReport(from_version=0, to_version=plan.to_version)
-            held = await self._take(control, plan, deadline)
+        else:
+            with sorted_errors("take the migration lock"):
+                held = await self._take(control, plan, deadline)
             if held is not None:
                 return _Held(held, self._plan(held.control))
+        raise await self._missed(control, deadline)
+
+    async def _pace(self, deadline: Deadline) -> None:
+        """At most ``LOOKS_PER_SECOND`` looks in any second, whatever wakes them (a nap's end,
+        a change-stream event, an error answered at once, naps cut to nothing once the
+        deadline is reached). A burst that size passes at once, so the holder's last writes
+        (advance, release) still reach a waiter in milliseconds. Near or past the deadline
+        the pause shrinks to one look's share of a second, so the call ends on time."""
+        if len(self._looks) == LOOKS_PER_SECOND:
+            pause = self._looks[0] + 1.0 - time.monotonic()
+            if pause > 0:
+                await anyio.sleep(min(pause, max(deadline.remaining(), 1 / LOOKS_PER_SECOND)))
+        self._looks.append(time.monotonic())
+
+    async def _missed(self, tried: Control, deadline: Deadline) -> Exception:
+        """What to raise after a write on ``tried`` matched nothing: read again, and wait for
+        the process that got there first like for any holder. A document still exactly as
+        tried did not lose a race (every acquisition increments ``token``): the write went
+        nowhere, and twice in a row means the collection does not take writes."""
+        with sorted_errors("read the control document"):
+            now = await self._read(deadline)
+        if now.exists != tried.exists or now.raw != tried.raw:
+            self._unmatched = None
+            return LockBusy(now) if now.locked and not now.stuck else _Missed(None)
+        previous = self._unmatched
+        count = previous[1] + 1 if previous is not None and previous[0] == now else 1
+        self._unmatched = (now, count)
+        if count >= UNMATCHED_LIMIT:
+            return self._not_writable(count)
+        return _Missed(now)
+
+    def _not_writable(self, misses: int) -> DatabaseError:
+        name = self.lock.collection_name
+        return DatabaseError(
+            operation=f"take the migration lock in collection {name!r}",
+            code=None,
+            detail=(
+                f"the server accepted the lock's compare-and-swap writes but matched nothing, "
+                f"{misses} time(s) in a row, while the control "
+                "document stayed exactly as read (a write lost to another process would have "
+                "changed it)"
+            ),
+            fix=(
+                f"The collection does not take writes: is {name!r} a view "
+                f'(db.getCollectionInfos({{name: "{name}"}}))? Does this server support '
+                "findAndModify? Point `collection` at a plain collection, or use a server that "
+                "supports findAndModify; nothing was written."
+            ),
+        )
 
     async def _take(self, control: Control, plan: Plan, deadline: Deadline) -> HeldLock | None:
         """The lock, if this process may have it now; ``None`` to read again."""
@@ -360,6 +465,8 @@ class Runner:
                         running=c.running,
                     ),
                 )
+        elif isinstance(exc, _Missed):
+            log.debug("%s; looking again", exc)
         else:
             log.warning(
                 "MongoDB unreachable (%s); retrying until the wait_timeout",
