@@ -64,7 +64,8 @@ async def test_a_view_as_control_collection_is_a_clear_error_not_a_spin(
     assert "is 'migrations' a view" in str(error) or "is a view" in str(error), str(error)
     assert elapsed <= WAIT_TIMEOUT + LATE_BY_AT_MOST, elapsed
     counts = log.counts()
-    assert counts["findAndModify"] <= 2, counts
+    # Tried at most three times a second, for the second it takes to be sure.
+    assert counts["findAndModify"] <= 6, counts
     assert not over_rate(log, elapsed), (log.total(), elapsed, counts)
     assert list(sync_db.control_source.find()) == [control_view]
     assert "ran" not in sync_db.list_collection_names()

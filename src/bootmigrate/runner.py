@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
@@ -161,28 +160,66 @@ async def _refuse_drift(lock: ControlLock, known: list[Migration]) -> None:
         )
 
 
-# The most looks at the control document one call makes in any second: a look is two
-# commands (three when a write on the lock missed), so this bounds the rate a waiting,
-# retrying or refused call sends at about ten commands a second.
-LOOKS_PER_SECOND = 3
-
 HOLDER_WRITES = "record progress on the control document and in history, holding the lock"
 
-# Writes matching nothing against an unchanged document, in a row, before it is an error.
+# Writes on the lock that matched nothing while the document stayed exactly as tried, in a row
+# and over at least this long, before the collection is declared unwritable: a read from a
+# majority snapshot may lag a winner's write for a moment, never for a second on a healthy
+# deployment.
 UNMATCHED_LIMIT = 2
+UNMATCHED_SECONDS = 1.0
+
+
+class LookPacer:
+    """Paces one call's looks at the control document, whatever wakes them (a nap's end, a
+    change-stream event, an error answered at once, the Waiter's naps cut to nothing at its
+    deadline): ``rate`` a second on average, ``burst`` at once. A look is a read and, with the
+    lock held, a ``hello`` (or with it free, a write), so two a second with bursts of three
+    keep a call to about ten commands in any second; the burst lets a holder's last writes
+    (advance, release) reach a waiter at once."""
+
+    def __init__(self, rate: float = 2.0, burst: int = 3) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    async def next_look(self, deadline: Deadline) -> None:
+        """Return when the next look may go. Near or past the deadline a pause is cut to a
+        tenth of a second, so the call still ends on time."""
+        self._refill()
+        if self._tokens < 1:
+            pause = (1 - self._tokens) / self._rate
+            await anyio.sleep(min(pause, max(deadline.remaining(), 0.1)))
+            self._refill()
+        self._tokens -= 1
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+
+
+@dataclass(frozen=True)
+class _Unmatched:
+    """Writes on the lock that matched nothing while the document stayed ``seen``: how many,
+    since when."""
+
+    seen: Control
+    count: int
+    since: float
 
 
 class _Missed(Exception):
-    """A write on the lock matched nothing; ``unchanged`` is the document when a re-read
-    showed it exactly as tried (``None`` when another process changed it)."""
+    """A write on the lock matched nothing (``tried``: the document it was made on); the next
+    look reads again, after a nap."""
 
-    def __init__(self, unchanged: Control | None) -> None:
+    def __init__(self, tried: Control) -> None:
         super().__init__(
-            "the lock's write matched nothing though the control document did not change"
-            if unchanged
-            else "another process changed the control document under this call's write"
+            "the lock's write matched nothing (another process got there first, or the "
+            "collection takes no writes)"
         )
-        self.unchanged = unchanged
+        self.tried = tried
 
 
 @dataclass(frozen=True)
@@ -208,8 +245,9 @@ class Runner:
         self._first_seen: Control | None = None
         self._last_seen: Control | None = None
         self._busy_since: float | None = None
-        self._looks: deque[float] = deque(maxlen=LOOKS_PER_SECOND)
-        self._unmatched: tuple[Control, int] | None = None
+        self._pacer = LookPacer()
+        self._tried: Control | None = None  # the document of the last write that missed
+        self._unmatched: _Unmatched | None = None
 
     async def run(self) -> MigrationReport:
         """Until there is nothing to do (a report) or the lock is ours (then apply)."""
@@ -224,8 +262,8 @@ class Runner:
         try:
             settled = await waiter.until_settled(lambda: self._attempt(deadline))
         except _Missed as exc:
-            if exc.unchanged:  # the deadline came before a second try could confirm it
-                raise self._not_writable(1) from None
+            if self._unmatched is not None:  # the deadline came before it could be confirmed
+                raise self._not_writable(self._unmatched.count) from None
             self._give_up(exc)
         except (LockBusy, ConnectionFailure, TryAgain, TimeoutError) as exc:
             self._give_up(exc)
@@ -248,13 +286,14 @@ class Runner:
     async def _attempt(self, deadline: Deadline) -> MigrationReport | _Held:
         """One look at the control document and, if there is work, one try at the lock.
 
-        A try that matched nothing (another replica got there first) reads again and goes
-        back to the Waiter, which naps before the next try, as it does for a busy lock or a
-        transient error: however the server answers, a call sends a few commands a second
+        A try that matched nothing (another replica got there first) goes back to the Waiter,
+        which naps before the next look, as for a busy lock or a transient error; and looks
+        are paced, so however the server answers, a call sends about ten commands a second
         at most."""
-        await self._pace(deadline)
+        await self._pacer.next_look(deadline)
         with sorted_errors("read the control document"):
             control = await self._read(deadline)
+        self._check_writable(control)
         plan = self._plan(control)
         if not plan.steps:
             if control.locked and not control.stuck and control.running is None:
@@ -275,36 +314,27 @@ class Runner:
                 held = await self._take(control, plan, deadline)
             if held is not None:
                 return _Held(held, self._plan(held.control))
-        raise await self._missed(control, deadline)
+        self._tried = control
+        raise _Missed(control)
 
-    async def _pace(self, deadline: Deadline) -> None:
-        """At most ``LOOKS_PER_SECOND`` looks in any second, whatever wakes them (a nap's end,
-        a change-stream event, an error answered at once, naps cut to nothing once the
-        deadline is reached). A burst that size passes at once, so the holder's last writes
-        (advance, release) still reach a waiter in milliseconds. Near or past the deadline
-        the pause shrinks to one look's share of a second, so the call ends on time."""
-        if len(self._looks) == LOOKS_PER_SECOND:
-            pause = self._looks[0] + 1.0 - time.monotonic()
-            if pause > 0:
-                await anyio.sleep(min(pause, max(deadline.remaining(), 1 / LOOKS_PER_SECOND)))
-        self._looks.append(time.monotonic())
-
-    async def _missed(self, tried: Control, deadline: Deadline) -> Exception:
-        """What to raise after a write on ``tried`` matched nothing: read again, and wait for
-        the process that got there first like for any holder. A document still exactly as
-        tried did not lose a race (every acquisition increments ``token``): the write went
-        nowhere, and twice in a row means the collection does not take writes."""
-        with sorted_errors("read the control document"):
-            now = await self._read(deadline)
-        if now.exists != tried.exists or now.raw != tried.raw:
+    def _check_writable(self, control: Control) -> None:
+        """After a write that matched nothing, the next reading tells why: another process
+        got there first and changed the document (every acquisition increments ``token``),
+        or the document is exactly as tried and the write went nowhere. Repeatedly so, for
+        a second, means the collection does not take writes."""
+        tried, self._tried = self._tried, None
+        if tried is None:
+            return
+        if (control.exists, control.raw) != (tried.exists, tried.raw):
             self._unmatched = None
-            return LockBusy(now) if now.locked and not now.stuck else _Missed(None)
+            return
         previous = self._unmatched
-        count = previous[1] + 1 if previous is not None and previous[0] == now else 1
-        self._unmatched = (now, count)
-        if count >= UNMATCHED_LIMIT:
-            return self._not_writable(count)
-        return _Missed(now)
+        if previous is None or previous.seen != control:
+            previous = _Unmatched(control, 0, time.monotonic())
+        self._unmatched = unmatched = replace(previous, count=previous.count + 1)
+        lasted = time.monotonic() - unmatched.since
+        if unmatched.count >= UNMATCHED_LIMIT and lasted >= UNMATCHED_SECONDS:
+            raise self._not_writable(unmatched.count)
 
     def _not_writable(self, misses: int) -> DatabaseError:
         name = self.lock.collection_name
