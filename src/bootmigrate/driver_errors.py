@@ -86,8 +86,8 @@ def is_transient(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """The server's answer in one line: code, code name and message, without the reply dump
     the driver adds to its own text."""
-    code = getattr(exc, "code", None)
-    if not isinstance(exc, OperationFailure) or code is None:
+    code = _details(exc).get("code")
+    if not isinstance(code, int):
         return shorten(f"{type(exc).__name__}: {exc}")
     name = _code_name(exc)
     text = f"error {code}{f' ({name})' if name else ''}: {shorten(_message(exc))}"
@@ -139,17 +139,21 @@ def sorted_errors(operation: str) -> Iterator[None]:
         raise database_error(operation, exc) from exc
 
 
-def _details(exc: OperationFailure) -> Mapping[str, Any]:
-    return exc.details or {}
+def _details(exc: BaseException) -> Mapping[str, Any]:
+    """The server's reply behind an error (``NotPrimaryError`` has one too, though it is a
+    connection failure rather than an ``OperationFailure``)."""
+    details = getattr(exc, "details", None)
+    return details if isinstance(details, Mapping) else {}
 
 
-def _code_name(exc: OperationFailure) -> str | None:
-    name = _details(exc).get("codeName")
+def _code_name(exc: BaseException) -> str | None:
+    details = _details(exc)
+    name = details.get("codeName")
     if isinstance(name, str) and name:
         return name
-    return TRANSIENT_CODES.get(exc.code) if exc.code is not None else None
+    return TRANSIENT_CODES.get(details.get("code", -1))
 
 
-def _message(exc: OperationFailure) -> str:
+def _message(exc: BaseException) -> str:
     message = _details(exc).get("errmsg")
     return str(message) if message else str(exc)

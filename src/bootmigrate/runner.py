@@ -265,7 +265,10 @@ class Runner:
             if self._unmatched is not None:  # the deadline came before it could be confirmed
                 raise self._not_writable(self._unmatched.count) from None
             self._give_up(exc)
-        except (LockBusy, ConnectionFailure, TryAgain, TimeoutError) as exc:
+        except TimeoutError:
+            # The deadline cut a read short (anyio's TimeoutError says nothing of its own).
+            self._give_up(TimeoutError("no answer before the deadline"))
+        except (LockBusy, ConnectionFailure, TryAgain) as exc:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
