@@ -761,5 +761,7 @@ class WireProxy:
         self._links.add(link)
         try:
             await link.run()
+        except asyncio.CancelledError:
+            pass  # stop(): asyncio's stream callback would log a cancelled task as an error
         finally:
             self._links.discard(link)
