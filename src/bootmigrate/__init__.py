@@ -7,6 +7,7 @@ from .context import MigrationContext
 from .errors import (
     ControlLocked,
     DatabaseAhead,
+    DatabaseError,
     DatabaseUnavailable,
     InvalidControlDocument,
     InvalidMigrations,
@@ -25,6 +26,7 @@ from .settings import Settings
 __all__ = [
     "ControlLocked",
     "DatabaseAhead",
+    "DatabaseError",
     "DatabaseUnavailable",
     "InvalidControlDocument",
     "InvalidMigrations",

@@ -18,9 +18,11 @@ What is done with it (acquire, heartbeat, take over, release...) is ``lock.py``'
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -155,6 +157,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
                 f"{{$unset: {{{name}: 1}}}}).",
             )
         subdocs[name] = value
+    _check_subdocuments(subdocs, bad, collection_name)
     acquisition = doc.get("acquisition")
     if acquisition is not None and not isinstance(acquisition, str):
         raise bad(
@@ -175,6 +178,55 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
         failure=subdocs["failure"],
         acquisition=acquisition,
         raw=dict(doc),
+    )
+
+
+def _check_subdocuments(
+    subdocs: dict[str, Any],
+    bad: Callable[[str, str], InvalidControlDocument],
+    collection_name: str,
+) -> None:
+    """The fields of ``owner``, ``running`` and ``failure`` that decisions read: a lease is a
+    positive number of seconds, a migration's version an integer."""
+    lease = (subdocs["owner"] or {}).get("lease")
+    if lease is not None and not _positive_number(lease):
+        raise bad(
+            f"`owner.lease` must be a positive number of seconds, got {lease!r}",
+            f'Remove it: db.{collection_name}.updateOne({{_id: "control"}}, '
+            '{$unset: {"owner.lease": 1}}); the lock then has no lease, so it is never taken '
+            "over, and is unlocked with `bootmigrate unlock` once its holder is gone.",
+        )
+    running = subdocs["running"]
+    if running is not None and not _integer(running.get("version")):
+        raise bad(
+            f"`running.version` must be the integer version of the migration in progress, "
+            f"got {running.get('version')!r}",
+            f'Name the migration in progress: db.{collection_name}.updateOne({{_id: "control"}}, '
+            '{$set: {"running.version": NumberInt(N)}}); unset `running` only if that '
+            "migration certainly did not start (a lock without it counts as held between two).",
+        )
+    version = (subdocs["failure"] or {}).get("version")
+    if version is not None and not _integer(version):
+        raise bad(
+            f"`failure.version` must be the integer version of the migration that failed, got "
+            f"{version!r}",
+            f'Set it: db.{collection_name}.updateOne({{_id: "control"}}, '
+            '{$set: {"failure.version": NumberInt(N)}}); or, once the cause is fixed, unlock '
+            f'by hand: db.{collection_name}.updateOne({{_id: "control"}}, '
+            "{$set: {locked: false}, $unset: {failure: 1}}).",
+        )
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
     )
 
 

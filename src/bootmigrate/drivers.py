@@ -137,10 +137,18 @@ async def _commit(session: Any) -> None:
         await anyio.sleep(0.05)
 
 
-async def server_time(db: Any) -> datetime:
-    """The server's clock (``hello.localTime``), as naive UTC like the dates it stores."""
+async def server_time(db: Any) -> datetime | None:
+    """The server's clock (``hello.localTime``), as naive UTC like the dates it stores, or
+    ``None`` when the server does not report it. It is shown to people (how old a heartbeat
+    looks), never used to decide whether a holder is alive. Some compatible servers send it as
+    milliseconds since the epoch."""
     reply = await db.command("hello", read_preference=ReadPreference.PRIMARY)
-    return as_naive_utc(reply["localTime"])
+    now = reply.get("localTime")
+    if isinstance(now, datetime):
+        return as_naive_utc(now)
+    if isinstance(now, int) and not isinstance(now, bool):
+        return datetime.fromtimestamp(now / 1000, timezone.utc).replace(tzinfo=None)
+    return None
 
 
 def as_naive_utc(value: datetime) -> datetime:

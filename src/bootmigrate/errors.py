@@ -16,7 +16,10 @@ What ``migrate()`` can raise:
 - :class:`InvalidMigrations`: bad migration files or objects; nothing was written.
 - :class:`InvalidControlDocument`: the control document has a shape it will not guess about.
 - :class:`InvalidTarget`: the target or rerun version cannot be reached (also a ``ValueError``).
-- :class:`DatabaseUnavailable`: the server could not be reached in time.
+- :class:`DatabaseUnavailable`: the server could not be reached (or kept answering with
+  errors worth retrying) until the deadline.
+- :class:`DatabaseError`: the server refused an operation with an error retrying does not cure
+  (``driver_errors.py`` tells the two kinds apart).
 
 Options of the wrong type or value raise ``TypeError``/``ValueError`` before anything runs.
 """
@@ -30,6 +33,18 @@ if TYPE_CHECKING:
     from .control import Control
 
 LockedReason = Literal["stuck", "wait_timeout", "holder_alive", "changed", "lost"]
+
+# How much of an error's text is stored or repeated in a message: enough to say what went
+# wrong, and a bound, so that an exception carrying a megabyte of text cannot push the control
+# document past the server's size limit.
+ERROR_TEXT_CHARS = 1000
+
+
+def shorten(text: str, limit: int = ERROR_TEXT_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters not kept)"
 
 
 class MigrationError(Exception):
@@ -69,6 +84,7 @@ class MigrationFailed(MigrationError):
         db_version: int,
         error: str,
     ) -> None:
+        error = shorten(error)
         self._fields = _fields(locals())
         self.version = version
         self.name = name
@@ -300,6 +316,39 @@ class DatabaseUnavailable(MigrationError):
                 "migrations were not run."
             )
         super().__init__(message)
+
+
+class DatabaseError(MigrationError):
+    """The server refused an operation with an error that retrying would not cure (a missing
+    privilege, a view where a collection should be, a command the server does not support).
+
+    ``operation`` is what bootmigrate was doing; ``code`` and ``code_name`` the server's error
+    code (``None`` when the problem was seen rather than reported), ``detail`` its message,
+    ``fix`` what to do about it.
+    """
+
+    def __init__(
+        self,
+        *,
+        operation: str,
+        code: int | None,
+        detail: str,
+        fix: str,
+        code_name: str | None = None,
+    ) -> None:
+        detail = shorten(detail)
+        self._fields = _fields(locals())
+        self.operation = operation
+        self.code = code
+        self.code_name = code_name
+        self.detail = detail
+        self.fix = fix
+        if code is None:
+            answer = detail
+        else:
+            name = f" ({code_name})" if code_name else ""
+            answer = f"the server answered error {code}{name}: {detail}"
+        super().__init__(f"could not {operation}: {answer}. {fix}")
 
 
 class InvalidTarget(MigrationError, ValueError):

@@ -12,6 +12,7 @@ from bson import ObjectId
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from .control import Owner, utc_now
+from .errors import ERROR_TEXT_CHARS, shorten
 from .plan import Direction
 
 Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
@@ -24,9 +25,19 @@ NAMESPACE_EXISTS = 48
 
 
 def error_fields(exc: BaseException) -> dict[str, str]:
-    """The error and the tail of its traceback, as stored in a failure record."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": text[-TRACEBACK_TAIL_CHARS:]}
+    """The error and the tail of its traceback, as stored in a failure record: both bounded
+    (``error`` to ``ERROR_TEXT_CHARS``, the traceback to its last ``TRACEBACK_TAIL_CHARS``),
+    whatever the size of the exception's message."""
+    # Each chunk is bounded before the tail is taken, so that a huge message (the traceback's
+    # last line) cannot push the lines that locate the failure out of the tail.
+    chunks = traceback.TracebackException.from_exception(exc).format()
+    text = "".join(
+        chunk if len(chunk) <= ERROR_TEXT_CHARS else shorten(chunk) + "\n" for chunk in chunks
+    )
+    return {
+        "error": shorten(f"{type(exc).__name__}: {exc}"),
+        "traceback": text[-TRACEBACK_TAIL_CHARS:],
+    }
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 
 import anyio
 from pymongo import ReturnDocument
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, WriteConcernError
+from pymongo.errors import DuplicateKeyError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from .control import CONTROL_ID, HELD_FIELDS, Control, Owner, failure_record, parse_control
+from .driver_errors import is_transient
 from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .history import Entry, History
@@ -124,6 +125,8 @@ class ControlLock:
             return Lease(None, lease)
         with deadline.bound() if deadline else anyio.CancelScope():
             now = await server_time(self.db)
+        if now is None:
+            return Lease(None, lease)  # a server that does not tell its time
         return Lease((now - control.heartbeat).total_seconds(), lease)
 
     # -- taking the lock ---------------------------------------------------------------------
@@ -555,10 +558,10 @@ class HeldLock:
 
 
 def worth_retrying(exc: BaseException) -> bool:
-    """Errors after which the same write may simply be sent again: no answer in time, a lost
-    connection, or a majority that did not confirm in time (the write stands on the primary,
-    and sending it again is harmless)."""
-    return isinstance(exc, (ConnectionFailure, TimeoutError, WriteConcernError))
+    """Errors after which the same write may simply be sent again: no answer within its bound,
+    or one the driver classes as transient (a lost connection, no primary, a majority that did
+    not confirm in time: the write may stand, and sending it again is harmless)."""
+    return isinstance(exc, TimeoutError) or is_transient(exc)
 
 
 def describe_lock(control: Control, lease: Lease) -> str:

@@ -14,16 +14,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
-from pymongo.errors import ConnectionFailure
+import anyio
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from .apply import Applier
 from .checksums import find_drift
 from .control import Control, Owner
+from .driver_errors import TryAgain, database_error, describe, is_transient, sorted_errors
 from .drivers import address_of, detect_driver
 from .envvar import ENV_VAR, parse_version_request
 from .errors import (
     ControlLocked,
     DatabaseAhead,
+    DatabaseError,
     DatabaseUnavailable,
     InvalidMigrations,
     InvalidTarget,
@@ -158,6 +161,68 @@ async def _refuse_drift(lock: ControlLock, known: list[Migration]) -> None:
         )
 
 
+HOLDER_WRITES = "record progress on the control document and in history, holding the lock"
+
+# Writes on the lock that matched nothing while the document stayed exactly as tried, in a row
+# and over at least this long, before the collection is declared unwritable: a read from a
+# majority snapshot may lag a winner's write for a moment, never for a second on a healthy
+# deployment.
+UNMATCHED_LIMIT = 2
+UNMATCHED_SECONDS = 1.0
+
+
+class LookPacer:
+    """Paces one call's looks at the control document, whatever wakes them (a nap's end, a
+    change-stream event, an error answered at once, the Waiter's naps cut to nothing at its
+    deadline): ``rate`` a second on average, ``burst`` at once. A look is a read and, with the
+    lock held, a ``hello`` (or with it free, a write), so two a second with bursts of three
+    keep a call to about ten commands in any second; the burst lets a holder's last writes
+    (advance, release) reach a waiter at once."""
+
+    def __init__(self, rate: float = 2.0, burst: int = 3) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    async def next_look(self, deadline: Deadline) -> None:
+        """Return when the next look may go. Near or past the deadline a pause is cut to a
+        tenth of a second, so the call still ends on time."""
+        self._refill()
+        if self._tokens < 1:
+            pause = (1 - self._tokens) / self._rate
+            await anyio.sleep(min(pause, max(deadline.remaining(), 0.1)))
+            self._refill()
+        self._tokens -= 1
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+
+
+@dataclass(frozen=True)
+class _Unmatched:
+    """Writes on the lock that matched nothing while the document stayed ``seen``: how many,
+    since when."""
+
+    seen: Control
+    count: int
+    since: float
+
+
+class _Missed(Exception):
+    """A write on the lock matched nothing (``tried``: the document it was made on); the next
+    look reads again, after a nap."""
+
+    def __init__(self, tried: Control) -> None:
+        super().__init__(
+            "the lock's write matched nothing (another process got there first, or the "
+            "collection takes no writes)"
+        )
+        self.tried = tried
+
+
 @dataclass(frozen=True)
 class _Held:
     """The lock is ours, and this is what to run under it."""
@@ -182,6 +247,9 @@ class Runner:
         self._first_seen: Control | None = None
         self._last_seen: Control | None = None
         self._busy_since: float | None = None
+        self._pacer = LookPacer()
+        self._tried: Control | None = None  # the document of the last write that missed
+        self._unmatched: _Unmatched | None = None
 
     async def run(self) -> MigrationReport:
         """Until there is nothing to do (a report) or the lock is ours (then apply)."""
@@ -190,38 +258,107 @@ class Runner:
             self.settings.waiting,
             deadline,
             self.lock.collection,
-            again=(LockBusy, ConnectionFailure),
+            again=(LockBusy, ConnectionFailure, TryAgain, _Missed),
             before_nap=self._before_nap,
         )
         try:
             settled = await waiter.until_settled(lambda: self._attempt(deadline))
-        except (LockBusy, ConnectionFailure, TimeoutError) as exc:
+        except _Missed as exc:
+            if self._unmatched is not None:  # the deadline came before it could be confirmed
+                raise self._not_writable(self._unmatched.count) from None
+            self._give_up(exc)
+        except TimeoutError:
+            # The deadline cut a read short (anyio's TimeoutError says nothing of its own).
+            self._give_up(TimeoutError("no answer before the deadline"))
+        except (LockBusy, ConnectionFailure, TryAgain) as exc:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
         applier = Applier(self.db, settled.lock, self.lock.owner, self.settings.migration_timeout)
-        return await applier.apply(settled.plan, self._waited())
+        try:
+            return await applier.apply(settled.plan, self._waited())
+        # A bookkeeping write the held lock did not retry (permanent), or gave up on.
+        except PyMongoError as exc:
+            if not is_transient(exc):
+                raise database_error(HOLDER_WRITES, exc) from exc
+            raise DatabaseUnavailable(
+                address=address_of(self.db),
+                seconds=self.settings.lease,
+                cause=f"{HOLDER_WRITES}: {describe(exc)}",
+                holding=True,
+            ) from exc
 
     async def _attempt(self, deadline: Deadline) -> MigrationReport | _Held:
-        while True:  # loops only when another replica changed the document under us
+        """One look at the control document and, if there is work, one try at the lock.
+
+        A try that matched nothing (another replica got there first) goes back to the Waiter,
+        which naps before the next look, as for a busy lock or a transient error; and looks
+        are paced, so however the server answers, a call sends about ten commands a second
+        at most."""
+        await self._pacer.next_look(deadline)
+        with sorted_errors("read the control document"):
             control = await self._read(deadline)
-            plan = self._plan(control)
-            if not plan.steps:
-                # A lock abandoned after its last migration is left alone here: telling a dead
-                # holder from a live one takes watching it for a lease, which an up-to-date boot
-                # must not pay. The next boot with work to do takes it over.
-                return self._nothing_to_do(control, plan)
-            if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
-                if not await self.lock.skip_fresh(plan.to_version, deadline):
-                    continue  # another replica created it first: decide again from its copy
+        self._check_writable(control)
+        plan = self._plan(control)
+        if not plan.steps:
+            # A lock abandoned after its last migration is left alone here: telling a dead
+            # holder from a live one takes watching it for a lease, which an up-to-date boot
+            # must not pay. The next boot with work to do takes it over.
+            return self._nothing_to_do(control, plan)
+        if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
+            with sorted_errors("create the control document (fresh='skip')"):
+                created = await self.lock.skip_fresh(plan.to_version, deadline)
+            if created:
                 log.info(
                     "fresh database: set to version %d without running migrations",
                     plan.to_version,
                 )
                 return MigrationReport(from_version=0, to_version=plan.to_version)
-            held = await self._take(control, plan, deadline)
+        else:
+            with sorted_errors("take the migration lock"):
+                held = await self._take(control, plan, deadline)
             if held is not None:
                 return _Held(held, self._plan(held.control))
+        self._tried = control
+        raise _Missed(control)
+
+    def _check_writable(self, control: Control) -> None:
+        """After a write that matched nothing, the next reading tells why: another process
+        got there first and changed the document (every acquisition increments ``token``),
+        or the document is exactly as tried and the write went nowhere. Repeatedly so, for
+        a second, means the collection does not take writes."""
+        tried, self._tried = self._tried, None
+        if tried is None:
+            return
+        if (control.exists, control.raw) != (tried.exists, tried.raw):
+            self._unmatched = None
+            return
+        previous = self._unmatched
+        if previous is None or previous.seen != control:
+            previous = _Unmatched(control, 0, time.monotonic())
+        self._unmatched = unmatched = replace(previous, count=previous.count + 1)
+        lasted = time.monotonic() - unmatched.since
+        if unmatched.count >= UNMATCHED_LIMIT and lasted >= UNMATCHED_SECONDS:
+            raise self._not_writable(unmatched.count)
+
+    def _not_writable(self, misses: int) -> DatabaseError:
+        name = self.lock.collection_name
+        return DatabaseError(
+            operation=f"take the migration lock in collection {name!r}",
+            code=None,
+            detail=(
+                f"the server accepted the lock's compare-and-swap writes but matched nothing, "
+                f"{misses} time(s) in a row, while the control "
+                "document stayed exactly as read (a write lost to another process would have "
+                "changed it)"
+            ),
+            fix=(
+                f"The collection does not take writes: is {name!r} a view "
+                f'(db.getCollectionInfos({{name: "{name}"}}))? Does this server support '
+                "findAndModify? Point `collection` at a plain collection, or use a server that "
+                "supports findAndModify; nothing was written."
+            ),
+        )
 
     async def _take(self, control: Control, plan: Plan, deadline: Deadline) -> HeldLock | None:
         """The lock, if this process may have it now; ``None`` to read again."""
@@ -369,6 +506,8 @@ class Runner:
                         running=c.running,
                     ),
                 )
+        elif isinstance(exc, _Missed):
+            log.debug("%s; looking again", exc)
         else:
             log.warning(
                 "MongoDB unreachable (%s); retrying until the wait_timeout",

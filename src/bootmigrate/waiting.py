@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_base, wait_random_exponential
 
 from .watch import ControlWatch
@@ -137,7 +137,9 @@ class Waiter:
             retry=retry_if_exception_type(self._again),
             wait=until_deadline,
             sleep=watch.nap,
-            stop=stop_after_delay(self._deadline.seconds),
+            # The call's own deadline, not a delay counted from the first nap (which starts
+            # later): at the deadline the waiting ends, instead of looking again with no nap.
+            stop=lambda _state: self._deadline.remaining() <= 0,
             before_sleep=before_nap,
             reraise=True,
         )

@@ -4,6 +4,7 @@ collection of the database is the same before and after."""
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,40 @@ CONTROL_SHAPES = [
 ]
 
 
+# Held by a holder silent for years, so that a waiter would judge its lease at once.
+LONG_AGO = datetime(2020, 1, 1)
+OWNER = {"host": "h", "pid": 1, "build": None, "lease": 30.0, "id": "someone"}
+HELD = {"locked": True, "version": 3, "token": 5, "beats": 2, "heartbeat": LONG_AGO}
+
+# Shapes whose fields a decision reads: each was once a raw KeyError or ValueError, a takeover
+# on a lease of 0, or a wait on a lease that is not a number.
+HELD_SHAPES = [
+    (
+        {**HELD, "owner": OWNER, "running": {"name": "step_4", "direction": "up"}},
+        "`running.version` must be the integer version of the migration in progress, got None",
+    ),
+    (
+        {**HELD, "owner": OWNER, "running": {"version": "4", "name": "step_4"}},
+        "`running.version` must be the integer version of the migration in progress, got '4'",
+    ),
+    (
+        {**HELD, "owner": {**OWNER, "lease": "abc"}},
+        "`owner.lease` must be a positive number of seconds, got 'abc'",
+    ),
+    ({**HELD, "owner": {**OWNER, "lease": 0}}, "`owner.lease` must be a positive number"),
+    ({**HELD, "owner": {**OWNER, "lease": -30}}, "`owner.lease` must be a positive number"),
+    ({**HELD, "owner": {**OWNER, "lease": True}}, "`owner.lease` must be a positive number"),
+    (
+        {**HELD, "owner": {**OWNER, "lease": float("inf")}},
+        "`owner.lease` must be a positive number",
+    ),
+    (
+        {**HELD, "failure": {"kind": "failed", "version": "x", "build": "b1"}},
+        "`failure.version` must be the integer version of the migration that failed, got 'x'",
+    ),
+]
+
+
 async def everything(db: Any) -> dict[str, list[dict[str, Any]]]:
     names = sorted(await db.list_collection_names())
     return {name: await db[name].find({}, sort=[("_id", 1)]).to_list(None) for name in names}
@@ -60,6 +95,20 @@ async def test_malformed_control_documents(db: Any, shape: dict[str, Any], messa
 
     with pytest.raises(InvalidControlDocument, match=re.escape(message)):
         await migrate(db, recorders(1, 2, 3, 4))
+
+    record("8 bad input", cases=1, changed=int(await everything(db) != before))
+    assert await everything(db) == before
+
+
+@pytest.mark.parametrize(("shape", "message"), HELD_SHAPES)
+async def test_malformed_lock_fields(db: Any, shape: dict[str, Any], message: str) -> None:
+    await db.migrations.insert_one({"_id": "control", **shape})
+    before = await everything(db)
+
+    with anyio.fail_after(10), pytest.raises(InvalidControlDocument, match=re.escape(message)):
+        await migrate(
+            db, recorders(1, 2, 3, 4), wait_timeout=2, build="b2", retry_failed_on_new_build=True
+        )
 
     record("8 bad input", cases=1, changed=int(await everything(db) != before))
     assert await everything(db) == before
@@ -166,6 +215,27 @@ async def test_up_that_returns_a_value(db: Any) -> None:
         await migrate(db, [Migration(1, returns, name="returns")])
 
     await only_the_failure_was_written(db, before, 1)
+
+
+async def test_a_huge_error_message_is_stored_capped(db: Any) -> None:
+    async def shouts(db: Any) -> None:
+        raise RuntimeError("x" * 1_000_000)
+
+    before = await everything(db)
+    with pytest.raises(MigrationFailed) as caught:
+        await migrate(db, [Migration(1, shouts, name="shouts")])
+
+    await only_the_failure_was_written(db, before, 1)
+    failure = (await db.migrations.find_one({"_id": "control"}))["failure"]
+    (record_,) = await db.migrations_history.find().to_list(None)
+    for stored in (failure, record_):
+        assert stored["error"].startswith("RuntimeError: xxx")
+        assert len(stored["error"]) <= 1100
+        assert "more characters not kept" in stored["error"]
+        # The tail still locates the failure: the message's line is cut, not the frames.
+        assert len(stored["traceback"]) <= 2000
+        assert "in shouts" in stored["traceback"]
+    assert len(caught.value.error) <= 1100
 
 
 async def test_a_migration_that_hangs(db: Any) -> None:
