@@ -26,11 +26,20 @@ from pymongo import ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
-from .control import CONTROL_ID, HELD_FIELDS, Control, Owner, failure_record, parse_control
+from .control import (
+    CONTROL_ID,
+    HELD_FIELDS,
+    Control,
+    Owner,
+    failure_record,
+    parse_control,
+    step_label,
+)
 from .drivers import address_of, majority_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .history import Entry, History
 from .migrations import Migration
+from .plan import Plan
 from .report import log_fields
 from .waiting import Deadline, WaitPolicy
 
@@ -130,13 +139,19 @@ class ControlLock:
         return None
 
     async def take_over(
-        self, seen: Control, known: Mapping[int, Migration], deadline: Deadline
+        self,
+        seen: Control,
+        known: Mapping[int, Migration],
+        deadline: Deadline,
+        plan: Plan | None = None,
     ) -> HeldLock | None:
-        """Take a dead holder's lock; raise :class:`LockBusy` while it lives.
+        """Take a dead holder's lock, to run ``plan``; raise :class:`LockBusy` while it lives.
 
         A holder that died inside a migration that is not safe to repeat is never stepped
         over: its lock is marked interrupted (stuck) instead, and ``None`` returned, as when
-        another process wins the takeover.
+        another process wins the takeover. One that died inside a step that is safe to repeat
+        is taken over only by a plan that starts with that step, in its direction; any other
+        plan is refused (``ControlLocked``, reason ``"unfinished"``) and the lock left as it is.
         """
         if seen.heartbeat is None or not seen.owner:
             raise LockBusy(seen)  # a lock with no lease is never presumed dead
@@ -144,10 +159,18 @@ class ControlLock:
         if not lease.expired:
             raise LockBusy(seen)
         running = seen.running
+        unfinished = seen.unfinished_step  # None once an operator recorded the version
         interrupted = known.get(running["version"]) if running else None
-        if running and not (interrupted and interrupted.safe_to_repeat):
+        if running and unfinished and not (interrupted and interrupted.safe_to_repeat):
             await self._mark_interrupted(seen, lease)
             return None
+        if unfinished and not (plan is not None and plan.resumes(unfinished)):
+            raise ControlLocked(
+                "unfinished",
+                seen,
+                collection=self.collection_name,
+                action=plan.describe() if plan is not None and plan.steps else "take it over",
+            )
         log.warning(
             "taking over the migration lock from %s: no heartbeat for %.1f s (lease %g s)%s",
             seen.describe_owner(),
@@ -218,19 +241,41 @@ class ControlLock:
 
     # -- what operators do -------------------------------------------------------------------
 
-    async def unlock(self, *, force: bool) -> OperatorChange:
-        """Unlock a stuck or abandoned lock, refusing a live holder's unless ``force``; the
-        next boot resumes at the version recorded. Recorded in history."""
+    async def unlock(
+        self, *, force: bool, known: Mapping[int, Migration] | None = None
+    ) -> OperatorChange:
+        """Unlock a stuck or abandoned lock. Refused without ``force`` while a live holder
+        runs, and while it would let a migration that is not safe to repeat run again: one
+        stuck as interrupted, or one whose holder died inside it (``known`` says which
+        migrations are safe to repeat; without it, none is). The step that did not finish
+        stays recorded (``unfinished``): an ``up`` resumes at the next boot, a ``down`` or
+        ``rerun`` only when run again in its direction. Recorded in history: the unlock, and
+        the interruption of a holder that died inside a migration, if no one recorded it."""
         seen = await self.read()
         lease = await self.lease_of(seen)
         if not seen.locked:
             return OperatorChange(False, seen, lease)
         self._refuse_live(seen, lease, "unlock", force)
-        if not (await self.collection.update_one(_unchanged(seen), _RELEASED)).modified_count:
+        unfinished = seen.unfinished_step
+        died_inside = seen.running is not None and seen.failure is None and unfinished is not None
+        interrupted = (seen.failure or {}).get("kind") == "interrupted" or died_inside
+        if interrupted and unfinished is not None and not force:
+            migration = (known or {}).get(unfinished.get("version") or 0)
+            if not (died_inside and migration is not None and migration.safe_to_repeat):
+                raise ControlLocked("interrupted", seen, collection=self.collection_name)
+        update: dict[str, Any] = {**_RELEASED, "$set": {"locked": False}}
+        if unfinished is not None and "unfinished" not in seen.raw:
+            # Read from `running` or `failure`, which the release removes: keep it.
+            update["$set"]["unfinished"] = {"from_version": seen.version, **unfinished}
+        if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
             raise ControlLocked("changed", seen, collection=self.collection_name, action="unlock")
+        if died_inside and seen.running is not None:
+            await self.history.record(_interruption(seen.running, seen, "unlocked by an operator"))
         note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
-        name = str((seen.failure or {}).get("name") or "")
-        await self.history.record(Entry.manual("unlock", seen.version, note, name=name))
+        step = seen.failure or seen.running or {}
+        await self.history.record(
+            Entry.manual("unlock", seen.version, note, name=str(step.get("name") or ""))
+        )
         return OperatorChange(True, seen, lease)
 
     async def set_version(self, version: int, *, force: bool) -> OperatorChange:
@@ -242,9 +287,12 @@ class ControlLock:
         if not seen.exists:
             changed = await self._create(version=version, owner=None) is not None
         else:
-            result = await self.collection.update_one(
-                _unchanged(seen), {"$set": {"version": version}}
-            )
+            update: dict[str, Any] = {"version": version}
+            if seen.unfinished_step is not None or seen.unfinished is not None:
+                # The operator says where the database is: no step is left to finish. Null,
+                # not removed, so that a `running` or `failure` left behind is not read instead.
+                update["unfinished"] = None
+            result = await self.collection.update_one(_unchanged(seen), {"$set": update})
             changed = bool(result.matched_count)
         if not changed:
             raise ControlLocked(
@@ -300,7 +348,7 @@ class ControlLock:
         )
         failure = failure_record(
             "interrupted",
-            running,
+            seen.unfinished_step or running,
             seen.owner or {},
             error=error,
             detected_by=f"{self.owner.host} (pid {self.owner.pid})",
@@ -315,16 +363,7 @@ class ControlLock:
                 },
             )
             if result.modified_count:
-                await self.history.record(
-                    Entry(
-                        version=int(running.get("version") or 0),
-                        name=str(running.get("name") or ""),
-                        outcome="interrupted",
-                        direction=running.get("direction") or "up",
-                        token=seen.token,
-                        note=error,
-                    )
-                )
+                await self.history.record(_interruption(running, seen, error))
 
 
 class HeldLock:
@@ -351,10 +390,15 @@ class HeldLock:
         """The control document's collection name."""
         return self._lock.collection_name
 
-    async def start(self, running: dict[str, Any]) -> None:
+    async def start(
+        self, running: dict[str, Any], unfinished: dict[str, Any] | None = None
+    ) -> None:
         """Name the migration about to run. Its own write, so that a taker can tell a holder
-        that died inside a migration from one that died between two."""
-        await self.write(lambda: self._fenced({"$set": {"running": running}}))
+        that died inside a migration from one that died between two. ``unfinished`` (default:
+        ``running``) names it until it completes, whatever happens to the lock meanwhile."""
+        # `unfinished` outlives `running`: only this step's completion (advance) removes it.
+        update = {"$set": {"running": running, "unfinished": unfinished or running}}
+        await self.write(lambda: self._fenced(update))
 
     async def progress(self, done: int, total: int) -> None:
         """Record how far the running migration has got (shown by ``status``)."""
@@ -371,7 +415,7 @@ class HeldLock:
         transaction matches nothing, and aborts)."""
         update = {
             "$set": {"version": version},
-            "$unset": {"running": ""},
+            "$unset": {"running": "", "unfinished": ""},
             "$inc": {"beats": 1},
             "$currentDate": {"heartbeat": True},
         }
@@ -504,17 +548,34 @@ def describe_lock(control: Control, lease: Lease) -> str:
     """How a lock looked, in a few words, for what ``unlock`` reports it changed."""
     if control.failure:
         kind = control.failure.get("kind", "failed")
+        direction = control.failure.get("direction") or "up"
+        during = "" if direction == "up" else f" during its `{direction}`"
         return (
-            f"stuck at version {control.version}: migration {control.failure.get('version')} {kind}"
+            f"stuck at version {control.version}: migration {control.failure.get('version')} "
+            f"{kind}{during}"
         )
+    inside = f", inside {step_label(control.running)}" if control.running else ""
     if lease.expired:
-        return f"held by {control.describe_owner()} whose lease had expired"
+        return f"held by {control.describe_owner()} whose lease had expired{inside}"
     if lease.lease is None:
         return f"locked at version {control.version} with no owner recorded"
-    return f"held by {control.describe_owner()} (forced)"
+    return f"held by {control.describe_owner()} (forced){inside}"
+
+
+def _interruption(running: dict[str, Any], seen: Control, note: str) -> Entry:
+    """The history record of a holder that stopped inside the step ``running``."""
+    return Entry(
+        version=int(running.get("version") or 0),
+        name=str(running.get("name") or ""),
+        outcome="interrupted",
+        direction=running.get("direction") or "up",
+        token=seen.token,
+        note=note,
+    )
 
 
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
+# `unfinished` stays too: a step that did not complete is still unfinished after a release.
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
 
 
