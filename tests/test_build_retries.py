@@ -114,8 +114,8 @@ async def test_a_build_that_already_failed_a_migration_never_retries_it(db: Any)
             await migrate(db, migrations, build=build, retry_failed_on_new_build=True)
 
     assert len(attempts) == 2
-    failed = [(r["build"], r["outcome"]) for r in await history(db) if r["version"] == 2]
-    assert failed == [("v1", "failed"), ("v2", "failed")]
+    runs = [(r["build"], r["outcome"]) for r in await history(db) if r["version"] == 2]
+    assert runs == [("v1", "failed"), ("v2", "manual"), ("v2", "failed")]  # manual: the retry
     assert (await control(db) or {})["failure"]["build"] == "v2"
 
 
@@ -140,4 +140,4 @@ async def test_a_failed_down_is_not_retried_by_a_build_that_goes_up(db: Any) -> 
 
     doc = await control(db)
     assert doc is not None and (doc["locked"], doc["version"]) == (True, 2)
-    assert await ran(db) == [(2, "up"), (3, "up"), (3, "down")]
+    assert await ran(db) == [(1, "up"), (2, "up"), (3, "up"), (3, "down")]
