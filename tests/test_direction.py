@@ -5,6 +5,7 @@ direction or stays in the way; a later `up` never steps over it."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from collections import Counter
 from pathlib import Path
@@ -20,8 +21,10 @@ from tests.migration_files import write_migrations
 from tests.operator_cli import Cli
 from tests.polling import wait_until
 from tests.processes import Replicas, Worker, boot
+from tests.test_runbook import follow, runbook
 
 LEASE = 1.0
+COMMANDS = {"status", "plan", "up", "down", "rerun", "unlock", "set-version", "history", "new"}
 
 # A migration for process tests whose `up` and `down` record which process ran them, and
 # block forever when BM_BLOCK_UP_AT / BM_BLOCK_DOWN_AT names its version (to be killed there).
@@ -302,3 +305,24 @@ def test_status_shows_the_unfinished_down_and_the_way_out(cli: Cli) -> None:
     assert status["state"] == "stuck"
     assert "migration 2 step_2 (down) did not finish" in status["problem"]
     assert "migration 2 step_2 (down) is still unfinished" in unlocked.stdout
+
+
+def test_runbook_unfinished_down(cli: Cli) -> None:
+    assert cli("up").returncode == 0
+    step_2 = cli.migrations / "0002_step_2.py"
+    fixed = step_2.read_text()
+    step_2.write_text(fixed.replace("await db.items.delete_one", "raise RuntimeError('in use') #"))
+    assert cli("down", "--to", "1", "--yes").returncode == 1
+    assert cli("unlock").returncode == 0
+
+    def fix(line: str) -> None:
+        if line.startswith("# fix the cause"):
+            step_2.write_text(fixed)
+
+    follow(cli, "unfinished-down", fix)
+
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1]
+    assert cli.control()["version"] == 1  # type: ignore[index]
+    assert all(
+        shlex.split(line)[1] in COMMANDS for line in runbook("unfinished-down") if line[0] != "#"
+    )

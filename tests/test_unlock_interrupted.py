@@ -5,7 +5,9 @@ that is recorded in history; `status` says what the next boot will really do."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from tests.migration_files import recording_migrations
 from tests.operator_cli import Cli
 from tests.polling import wait_past_lease
 from tests.processes import Replicas, boot, start_blocked_holder
+from tests.test_runbook import follow, runbook
 
 LEASE = 1.0
 
@@ -141,3 +144,39 @@ async def test_a_failed_migration_still_unlocks_without_force(db: Any) -> None:
         await migrate(db, [recorder(1), Migration(version=2, up=broken, name="step_2")])
 
     assert (await unlock(db)).changed
+
+
+def holder_died_inside_2(cli: Cli) -> None:
+    """The control document a holder killed inside migration 2 (not idempotent) leaves."""
+    assert cli("up", "--to", "1").returncode == 0
+    beat = cli.db.command("hello")["localTime"] - timedelta(hours=1)
+    step = {"version": 2, "name": "step_2", "direction": "up"}
+    cli.db.migrations.update_one(
+        {"_id": "control"},
+        {
+            "$set": {
+                "locked": True,
+                "token": 5,
+                "beats": 3,
+                "heartbeat": beat,
+                "locked_at": beat,
+                "owner": {"host": "app-3", "pid": 4242, "build": "b", "lease": 30.0, "id": "x"},
+                "running": step,
+                "unfinished": {**step, "from_version": 1, "to_version": 2},
+            }
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "runs_of_2"), [("interrupted-rerun", 1), ("interrupted-completed", 0)]
+)
+def test_runbooks_for_a_holder_that_died_inside(cli: Cli, name: str, runs_of_2: int) -> None:
+    holder_died_inside_2(cli)
+
+    follow(cli, name)
+
+    assert cli.control()["version"] == 3  # type: ignore[index]
+    assert sorted(d["v"] for d in cli.db.items.find()) == sorted([1, 3] + [2] * runs_of_2)
+    commands = {"status", "plan", "up", "down", "rerun", "unlock", "set-version", "history", "new"}
+    assert all(shlex.split(line)[1] in commands for line in runbook(name) if line[0] != "#")

@@ -256,12 +256,12 @@ class ControlLock:
         if not seen.locked:
             return OperatorChange(False, seen, lease)
         self._refuse_live(seen, lease, "unlock", force)
-        unfinished = seen.unfinished_step
-        died_inside = seen.running is not None and seen.failure is None and unfinished is not None
-        interrupted = (seen.failure or {}).get("kind") == "interrupted" or died_inside
+        unfinished = seen.unfinished_step  # None once an operator recorded the version
+        stopped_inside = seen.running is not None and seen.failure is None
+        interrupted = (seen.failure or {}).get("kind") == "interrupted" or stopped_inside
         if interrupted and unfinished is not None and not force:
             migration = (known or {}).get(unfinished.get("version") or 0)
-            if not (died_inside and migration is not None and migration.safe_to_repeat):
+            if not (stopped_inside and migration is not None and migration.safe_to_repeat):
                 raise ControlLocked("interrupted", seen, collection=self.collection_name)
         update: dict[str, Any] = {**_RELEASED, "$set": {"locked": False}}
         if unfinished is not None and "unfinished" not in seen.raw:
@@ -269,7 +269,7 @@ class ControlLock:
             update["$set"]["unfinished"] = {"from_version": seen.version, **unfinished}
         if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
             raise ControlLocked("changed", seen, collection=self.collection_name, action="unlock")
-        if died_inside and seen.running is not None:
+        if stopped_inside and seen.running is not None:
             await self.history.record(_interruption(seen.running, seen, "unlocked by an operator"))
         note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
         step = seen.failure or seen.running or {}
