@@ -174,8 +174,8 @@ class ControlLocked(MigrationError):
         if interrupted:
             fix = (
                 "Check what it had done (`bootmigrate history`, and the data it changes); if it "
-                "completed, record that first with `bootmigrate set-version`. Then unlock: "
-                "`bootmigrate unlock --force`"
+                "completed, record that first with `bootmigrate set-version "
+                f"{_done_version(failure)}`. Then unlock: `bootmigrate unlock --force`"
             )
         else:
             fix = "Fix the cause, then unlock: `bootmigrate unlock`"
@@ -195,15 +195,17 @@ class ControlLocked(MigrationError):
         version, direction = step.get("version"), step.get("direction") or "up"
         name = f" {step['name']}" if step.get("name") else ""
         label = f"migration {version}{name} ({direction})"
-        start, end = step.get("from_version"), step.get("to_version")
+        # Still unfinished means the database is where the step started.
+        start = step.get("from_version", self.db_version)
+        end = step.get("to_version")
         if self.reason == "interrupted":
             return (
                 f"refusing to unlock: {label} was interrupted (its holder stopped inside it) "
                 "and is not known to be safe to run again: unlocking would let it run again "
                 "over whatever it had half done. Check what it did (`bootmigrate history`, and "
                 "the data it changes). If it completed, record that with `bootmigrate "
-                f"set-version {end if end is not None else 'N'}`, then unlock; to let it run "
-                "again, `bootmigrate unlock --force`."
+                f"set-version {_done_version(step)}`, then unlock; to let it run again, "
+                "`bootmigrate unlock --force`."
             )
         finish = finish_command(direction, version, end)
         if direction == "down":
@@ -212,11 +214,11 @@ class ControlLocked(MigrationError):
                 f"complete, `bootmigrate set-version {version}` if migration {version} is whole"
             )
         elif direction == "rerun":
-            settle = f"`bootmigrate set-version {start if start is not None else 'N'}`"
+            settle = f"`bootmigrate set-version {start}`"
         else:
             settle = (
                 f"`bootmigrate set-version {version}` if it is complete, `bootmigrate "
-                f"set-version {start if start is not None else 'N'}` if nothing of it remains"
+                f"set-version {start}` if nothing of it remains"
             )
         first = ""
         if self.failure:
@@ -364,11 +366,20 @@ class InvalidTarget(MigrationError, ValueError):
     """The requested target or rerun version cannot be reached from here."""
 
 
+def _done_version(step: dict[str, Any]) -> Any:
+    """The version the database is at once ``step`` has completed."""
+    direction = step.get("direction") or "up"
+    done = {"up": step.get("version"), "down": step.get("to_version")}.get(
+        direction, step.get("from_version")
+    )
+    return done if done is not None else "N"
+
+
 def finish_command(direction: str, version: Any, to_version: Any) -> str:
     """The command that runs an unfinished step again, in its own direction (``to_version``:
     where a ``down`` goes)."""
     if direction == "down":
-        return f"bootmigrate down --to {to_version if to_version is not None else 'N'}"
+        return f"bootmigrate down --to {to_version if to_version is not None else '<target>'}"
     if direction == "rerun":
         return f"bootmigrate rerun {version}"
     return f"bootmigrate up --to {version}"
