@@ -77,10 +77,12 @@ async def dead_holder_lock(
     version: int,
     running: int | None,
     silent_for: float = 3600.0,
-    lease: float = 30.0,
+    lease: float = 1.0,
     token: int = 7,
 ) -> None:
-    """Write the control document a holder killed ``silent_for`` seconds ago leaves behind."""
+    """Write the control document a holder killed ``silent_for`` seconds ago leaves behind.
+    Its lease is short by default: a waiter (or ``unlock``) must watch the lock that long
+    before judging its holder dead."""
     beat = await server_time(db) - timedelta(seconds=silent_for)
     doc: dict[str, Any] = {
         "_id": "control",

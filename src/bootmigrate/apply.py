@@ -153,7 +153,7 @@ class Applier:
     async def _run_steps(self, plan: Plan, state: _Progress) -> None:
         try:
             for step in plan.steps:
-                await self.held.start(step.running())
+                await self.held.start(step.running(), step.unfinished())
                 await anyio.lowlevel.checkpoint()  # a cancellation here is still "between"
                 await self._run_step(step, state)
             await self.held.release()
@@ -283,7 +283,7 @@ class Applier:
     async def _record_failure(self, run: StepRun, exc: Exception) -> None:
         migration = run.step.migration
         failure = failure_record(
-            "failed", run.step.running(), self.owner.as_document(), **error_fields(exc)
+            "failed", run.step.unfinished(), self.owner.as_document(), **error_fields(exc)
         )
         log.error(
             "migration %s failed: %s; leaving the lock stuck",
@@ -315,7 +315,7 @@ class Applier:
             )
             failure = failure_record(
                 "interrupted",
-                run.step.running(),
+                run.step.unfinished(),
                 self.owner.as_document(),
                 error="cancelled while running (the process was asked to stop)",
             )

@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import commands
+from .control import step_label
 from .drivers import address_of
-from .errors import MigrationError
+from .errors import MigrationError, finish_command
 from .plan import Plan, Target
 from .report import MigrationReport
 from .runner import migrate_with
@@ -346,25 +347,41 @@ def down(session: Session, to: int, yes: bool) -> None:
 @click.argument("version", type=int)
 @common
 def rerun(session: Session, version: int) -> None:
-    """Run one applied migration's `up` again; the version does not change."""
-    _migrate(session, rerun=version)
+    """Run one applied migration's `up` again; the version does not change. Always runs (a
+    rerun asked for at boot runs once per build)."""
+    _migrate(session, rerun=version, explicit_rerun=True)
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Unlock even a live holder's lock.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Unlock even a live holder's lock, or one whose interrupted migration is not safe "
+    "to run again.",
+)
 @common
 def unlock(session: Session, force: bool) -> None:
-    """Unlock a stuck or abandoned lock (refuses a live holder's unless --force)."""
-    done = session.run(lambda db: commands.unlock(db, session.settings, force=force))
+    """Unlock a stuck or abandoned lock (refuses a live holder's, and one that would let an
+    interrupted migration not safe to repeat run again, unless --force)."""
+    done = session.run(
+        lambda db: commands.unlock(db, session.settings, force=force, migrations=session.migrations)
+    )
     data = {"changed": done.changed, "version": done.before.version, "before": done.before.raw}
 
     def human() -> None:
         if not done.changed:
             session.console.print(f"not locked: nothing to do (version {done.before.version})")
             return
-        session.console.print(
-            f"unlocked: was {done.was}; the next boot resumes from version {done.before.version}"
-        )
+        step = done.unfinished
+        if step is None or (step.get("direction") or "up") == "up":
+            after = f"the next boot resumes from version {done.before.version}"
+        else:
+            after = (
+                f"{step_label(step)} is still unfinished: no boot migrates past it until "
+                f"`{_finish(step)}` finishes it, or `bootmigrate set-version N` records the "
+                "version the database is really at"
+            )
+        session.console.print(f"unlocked: was {done.was}; {after}")
 
     session.emit(data, human)
 
@@ -449,9 +466,11 @@ def _plan(session: Session, target: Target) -> Plan:
     return session.run(lambda db: commands.plan(db, session.migrations, settings))
 
 
-def _migrate(session: Session, **options: Any) -> None:
+def _migrate(session: Session, explicit_rerun: bool = False, **options: Any) -> None:
     settings = _checked(session.settings, **options)
-    report: MigrationReport = session.run(lambda db: migrate_with(db, session.migrations, settings))
+    report: MigrationReport = session.run(
+        lambda db: migrate_with(db, session.migrations, settings, explicit_rerun=explicit_rerun)
+    )
     data = {
         "from_version": report.from_version,
         "to_version": report.to_version,
@@ -527,7 +546,7 @@ def _print_status(session: Session, found: commands.Status) -> None:
             rows.append(("since", f"{lock.since:%Y-%m-%d %H:%M:%S} UTC"))
         if lock.heartbeat_age is not None:
             expired = (
-                " (lease expired: the next boot takes it over)"
+                f" (lease expired: {lock.on_expiry or 'the next boot takes it over'})"
                 if lock.lease_expired
                 else " (lease valid)"
             )
@@ -551,15 +570,47 @@ def _print_status(session: Session, found: commands.Status) -> None:
                 )
             )
             rows.append(("error", str(failure.get("error"))))
-            rows.append(("fix", "fix the cause, then: bootmigrate unlock"))
+            rows.append(("fix", _stuck_fix(failure)))
         elif lock.lease is None:
             rows.append(("fix", "if no migration is running: bootmigrate unlock"))
     else:
         rows.append(("lock", "free"))
+        if lock.unfinished is not None:
+            start = lock.unfinished.get("from_version")
+            since = f", started at version {start}" if start is not None else ""
+            rows.append(("unfinished", f"{step_label(lock.unfinished)}{since}"))
+            rows.append(
+                (
+                    "fix",
+                    f"finish it: {_finish(lock.unfinished)}; or, once checked, record the "
+                    "version the database is at: bootmigrate set-version N",
+                )
+            )
     table = _table("", "", header=False)
     for key, value in rows:
         table.add_row(key, value)
     session.console.print(table)
+
+
+def _finish(step: dict[str, Any]) -> str:
+    """The command that runs an unfinished step again in its own direction."""
+    direction = step.get("direction") or "up"
+    return finish_command(direction, step.get("version"), step.get("to_version"))
+
+
+def _stuck_fix(failure: dict[str, Any]) -> str:
+    """What to do about a stuck lock, by how its migration stopped and in which direction."""
+    direction = failure.get("direction") or "up"
+    if failure.get("kind") == "interrupted":
+        fix = (
+            "check what it did; if it completed: bootmigrate set-version N, then bootmigrate "
+            "unlock; else: bootmigrate unlock --force"
+        )
+    else:
+        fix = "fix the cause, then: bootmigrate unlock"
+    if direction != "up":
+        fix += f", then finish it: {_finish(failure)}"
+    return fix
 
 
 def _print_history(session: Session, records: list[dict[str, Any]]) -> None:

@@ -7,15 +7,16 @@ The CLI is a thin shell around these; each one is also a library call. Applying 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from .checksums import Drift, find_drift
-from .control import Control, Owner
+from .control import Control, Owner, step_label
 from .drivers import detect_driver
-from .errors import InvalidMigrations, InvalidTarget, MigrationError
+from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
 from .lock import ControlLock, Lease, describe_lock
 from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
 from .plan import Plan, Step, latest_version, plan_for, resolve_target
@@ -35,12 +36,17 @@ class Lock:
     lease: float | None = None
     running: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
+    unfinished: dict[str, Any] | None = None
+    on_expiry: str | None = None
 
     @classmethod
-    def seen(cls, control: Control, lease: Lease) -> Lock:
-        """The operator's view of ``control`` with its ``lease`` as judged now."""
+    def seen(
+        cls, control: Control, lease: Lease, known: Mapping[int, Migration] | None = None
+    ) -> Lock:
+        """The operator's view of ``control`` with its ``lease`` as judged now; ``known``
+        (the migrations) tells whether a dead holder's migration may be re-run."""
         if not control.locked:
-            return cls(locked=False)
+            return cls(locked=False, unfinished=control.unfinished_step)
         return cls(
             locked=True,
             holder=control.owner or None,
@@ -49,6 +55,8 @@ class Lock:
             lease=lease.lease,
             running=control.running,
             failure=control.failure,
+            unfinished=control.unfinished_step,
+            on_expiry=_on_expiry(control, lease, known),
         )
 
     @property
@@ -103,23 +111,47 @@ class Unlocked:
     lock: Lock
     was: str
 
+    @property
+    def unfinished(self) -> dict[str, Any] | None:
+        """The step left unfinished: the next boot resumes it (an ``up``), or refuses to step
+        over it until it is run again in its direction (a ``down`` or ``rerun``)."""
+        return self.lock.unfinished if self.changed else None
+
 
 async def status(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Status:
     """Read-only: the control document, the plan to latest, and the lock's health."""
     settings = settings or Settings()
     known, lock = _prepare(db, migrations, settings)
     control = await lock.read()
-    view = Lock.seen(control, await lock.lease_of(control))
+    view = Lock.seen(control, await lock.lease_of(control), {m.version: m for m in known})
     latest = latest_version(known)
     pending: tuple[Step, ...] = ()
     problem = None
+    blocked = False  # by a step that did not finish, which a boot to latest would step over
     try:
         floor, release = floor_in_force(migrations, settings.floor, settings.floor_release)
-        pending = plan_for(control, known, floor=floor, floor_release=release).steps
+        to_latest = plan_for(control, known, floor=floor, floor_release=release)
+        pending = to_latest.steps
+        unfinished = control.unfinished_step
+        blocked = bool(
+            pending
+            and unfinished is not None
+            and not to_latest.resumes(unfinished)
+            and (not control.locked or view.lease_expired)
+        )
+        if blocked:
+            problem = str(
+                ControlLocked(
+                    "unfinished",
+                    control,
+                    collection=lock.collection_name,
+                    action=to_latest.describe(),
+                )
+            )
     except MigrationError as exc:
         problem = str(exc)
     state: State
-    if control.stuck:
+    if control.stuck or blocked:
         state = "stuck"
     elif control.locked:
         state = "locked"
@@ -147,18 +179,30 @@ async def plan(db: Any, migrations: MigrationSource, settings: Settings | None =
     )
 
 
-async def unlock(db: Any, settings: Settings | None = None, *, force: bool = False) -> Unlocked:
-    """Unlock a stuck or abandoned lock; refuse a live holder's unless ``force``.
+async def unlock(
+    db: Any,
+    settings: Settings | None = None,
+    *,
+    force: bool = False,
+    migrations: MigrationSource | None = None,
+) -> Unlocked:
+    """Unlock a stuck or abandoned lock. Refused without ``force`` while a live holder runs,
+    and while it would let a migration that is not safe to repeat run again (stuck as
+    interrupted, or its holder died inside it: ``migrations`` tells which are declared
+    idempotent or transactional; without them, or if they do not load, none is).
 
-    The next boot resumes at the version recorded, re-running the failed or interrupted
-    migration. Recorded in history as a manual action.
+    The step that did not finish stays recorded: an ``up`` resumes at the next boot; a
+    ``down`` or ``rerun`` blocks every boot that would step over it until it is run again in
+    its direction or the version is recorded by hand. Recorded in history as a manual action
+    (and an ``interrupted`` record for a holder that died inside a migration unrecorded).
     """
     detect_driver(db)
-    done = await _lock(db, settings or Settings()).unlock(force=force)
+    known = _known_if_loadable(migrations)
+    done = await _lock(db, settings or Settings()).unlock(force=force, known=known)
     return Unlocked(
         done.changed,
         done.before,
-        Lock.seen(done.before, done.lease),
+        Lock.seen(done.before, done.lease, known),
         describe_lock(done.before, done.lease),
     )
 
@@ -240,6 +284,35 @@ async def up(db, ctx):
 async def down(db, ctx):
     raise NotImplementedError("write the way back, or delete this function")
 '''
+
+
+def _known_if_loadable(migrations: MigrationSource | None) -> dict[int, Migration] | None:
+    """The migrations by version, or ``None`` if none were given or they do not load (an
+    unlock must still work then; it just cannot tell a migration safe to repeat)."""
+    if migrations is None:
+        return None
+    try:
+        return {m.version: m for m in load_migrations(migrations)}
+    except MigrationError:
+        return None
+
+
+def _on_expiry(control: Control, lease: Lease, known: Mapping[int, Migration] | None) -> str | None:
+    """What the next boot does with a held lock whose lease has expired."""
+    if control.stuck or not lease.expired:
+        return None
+    unfinished = control.unfinished_step
+    if unfinished is None:
+        return "the next boot takes it over"
+    version = unfinished.get("version") or 0
+    migration = (known or {}).get(version)
+    label = step_label(unfinished)
+    if control.running is not None and not (migration and migration.safe_to_repeat):
+        return (
+            f"the next boot that needs the lock marks {label} interrupted, since it is not "
+            "declared safe to run again; `unlock` needs --force"
+        )
+    return f"only a run that finishes {label} first takes it over"
 
 
 def _prepare(

@@ -12,6 +12,10 @@ it, plus fields of our own while a lock is held:
   that beat in the meantime keeps its lock.
 - ``owner`` (host, pid, build, lease, id), ``locked_at``: who holds it, since when.
 - ``running``: the migration in progress; ``failure``: why the lock is stuck.
+- ``unfinished``: the step (migration, direction, versions) that started and has not
+  completed. Written with ``running``, removed only when that step completes or an operator
+  records the version by hand; so it outlives a failure, a kill, a release and an unlock,
+  and no later call steps over a half-run ``down`` or ``rerun`` (see :func:`unfinished_step`).
 
 What is done with it (acquire, heartbeat, take over, release...) is ``lock.py``'s.
 """
@@ -81,12 +85,29 @@ class Control:
     running: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     acquisition: str | None = None
+    unfinished: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stuck(self) -> bool:
         """Locked after a failure or an interruption: only an operator unlocks it."""
         return self.locked and self.failure is not None
+
+    @property
+    def unfinished_step(self) -> dict[str, Any] | None:
+        """The step that started and never completed, while the database is still at the
+        version it started from; ``None`` if there is none (or an operator has since recorded
+        the version by hand).
+
+        ``unfinished`` says it; a document without that field (written by hand, or before
+        bootmigrate kept it) is read from its ``running`` or ``failure`` instead. An operator's
+        ``set-version`` stores ``unfinished: null``, which means "none", not "not kept".
+        """
+        kept = "unfinished" in self.raw
+        marker = self.unfinished if kept else self.running or self.failure
+        if not marker or not _still_from(marker, self.version):
+            return None
+        return marker
 
     @property
     def recorded_lease(self) -> float | None:
@@ -148,7 +169,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
             )
         dates[name] = as_naive_utc(value) if value is not None else None
     subdocs = {}
-    for name in ("owner", "running", "failure"):
+    for name in ("owner", "running", "failure", "unfinished"):
         value = doc.get(name)
         if value is not None and not isinstance(value, dict):
             raise bad(
@@ -177,6 +198,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
         running=subdocs["running"],
         failure=subdocs["failure"],
         acquisition=acquisition,
+        unfinished=subdocs["unfinished"],
         raw=dict(doc),
     )
 
@@ -230,6 +252,30 @@ def _positive_number(value: Any) -> bool:
     )
 
 
+def _still_from(step: dict[str, Any], version: int) -> bool:
+    """Whether the database is still at the version ``step`` started from. A step recorded
+    without it (by hand, or by an older bootmigrate) is judged by its direction: an ``up`` of
+    N starts below N, a ``down`` of N at N, and a ``rerun`` leaves the version alone."""
+    start = step.get("from_version")
+    if isinstance(start, int) and not isinstance(start, bool):
+        return start == version
+    number = step.get("version")
+    if not isinstance(number, int):
+        return True
+    direction = step.get("direction") or "up"
+    if direction == "up":
+        return version < number
+    if direction == "down":
+        return version == number
+    return True
+
+
+def step_label(step: dict[str, Any]) -> str:
+    """A recorded step as an operator reads it: ``migration 2 step_2 (down)``."""
+    name = f" {step['name']}" if step.get("name") else ""
+    return f"migration {step.get('version')}{name} ({step.get('direction') or 'up'})"
+
+
 def utc_now() -> datetime:
     """Wall-clock time for records people read; leases never use it."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -244,6 +290,8 @@ def failure_record(
         "version": running.get("version"),
         "name": running.get("name"),
         "direction": running.get("direction"),
+        "from_version": running.get("from_version"),
+        "to_version": running.get("to_version"),
         "host": who.get("host"),
         "pid": who.get("pid"),
         "build": who.get("build"),

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from .control import Control
 
-LockedReason = Literal["stuck", "wait_timeout", "holder_alive", "changed", "lost"]
+LockedReason = Literal[
+    "stuck", "wait_timeout", "holder_alive", "changed", "lost", "unfinished", "interrupted"
+]
 
 # How much of an error's text is stored or repeated in a message: enough to say what went
 # wrong, and a bound, so that an exception carrying a megabyte of text cannot push the control
@@ -98,8 +100,8 @@ class MigrationFailed(MigrationError):
         super().__init__(
             f"migration {label} ({direction}) failed on {host} (pid {pid}): {error}. The lock "
             f"in collection {collection!r} is left held on purpose, database at version "
-            f"{db_version}. Fix the migration, then run `bootmigrate unlock`; the next boot "
-            f"resumes at migration {version}."
+            f"{db_version}. Fix the migration, then run `bootmigrate unlock`; "
+            + _after_unlock(direction, version)
         )
 
 
@@ -109,8 +111,11 @@ class ControlLocked(MigrationError):
     ``reason`` says which: ``"stuck"`` (a failure or interruption is recorded),
     ``"wait_timeout"`` (a live holder outlasted ``wait_timeout``), ``"holder_alive"`` (an
     operator action refused while a live holder runs), ``"changed"`` (the document changed
-    under an operator action), ``"lost"`` (:class:`LockLost`). ``control`` is the control
-    document as read.
+    under an operator action), ``"lost"`` (:class:`LockLost`), ``"unfinished"`` (a ``down``,
+    ``rerun`` or ``up`` that did not finish, which this call's plan would step over:
+    ``action`` says what it would run), ``"interrupted"`` (``unlock`` refused without
+    ``--force``: it would let a migration that is not safe to repeat run again).
+    ``control`` is the control document as read.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class ControlLocked(MigrationError):
         self.heartbeat_age = heartbeat_age
         self.lease = lease
         self.locked_since = control.locked_at
+        self.unfinished = control.unfinished_step
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -145,6 +151,8 @@ class ControlLocked(MigrationError):
         doing = f", running migration {running.get('version')}" if running else ""
         if self.reason == "stuck":
             return self._stuck_message()
+        if self.reason in ("unfinished", "interrupted"):
+            return self._unfinished_message()
         if self.reason == "wait_timeout":
             since = f" since {_utc(self.locked_since)}" if self.locked_since else ""
             return (
@@ -176,15 +184,67 @@ class ControlLocked(MigrationError):
         where = failure.get("host") or "an unknown host"
         if failure.get("pid"):
             where += f" (pid {failure['pid']})"
-        what = "was interrupted" if failure.get("kind") == "interrupted" else "failed"
+        interrupted = failure.get("kind") == "interrupted"
+        what = "was interrupted" if interrupted else "failed"
+        direction = failure.get("direction") or "up"
+        if interrupted:
+            fix = (
+                "Check what it had done (`bootmigrate history`, and the data it changes); if it "
+                "completed, record that first with `bootmigrate set-version "
+                f"{_done_version(failure)}`. Then unlock: `bootmigrate unlock --force`"
+            )
+        else:
+            fix = "Fix the cause, then unlock: `bootmigrate unlock`"
         return (
             f"migration {version} {failure.get('name') or ''} {what} on {where} at "
-            f"{failure.get('at')}: {failure.get('error')}. The lock in collection "
+            f"{failure.get('at')}{'' if direction == 'up' else f' during its `{direction}`'}: "
+            f"{failure.get('error')}. The lock in collection "
             f"{self.collection!r} is held on purpose so that no replica boots on a "
-            f"half-migrated database (at version {self.db_version}). Fix the cause, then "
-            f"unlock: `bootmigrate unlock`, or db.{self.collection}.updateOne("
+            f"half-migrated database (at version {self.db_version}). {fix}, or "
+            f"db.{self.collection}.updateOne("
             '{_id: "control"}, {$set: {locked: false}}); '
-            f"the next boot resumes at migration {version}."
+            + _after_unlock(direction, version, failure.get("to_version"))
+        )
+
+    def _unfinished_message(self) -> str:
+        step = self.unfinished or self.failure or self.running or {}
+        version, direction = step.get("version"), step.get("direction") or "up"
+        name = f" {step['name']}" if step.get("name") else ""
+        label = f"migration {version}{name} ({direction})"
+        # Still unfinished means the database is where the step started.
+        start = step.get("from_version", self.db_version)
+        end = step.get("to_version")
+        if self.reason == "interrupted":
+            return (
+                f"refusing to unlock: {label} was interrupted (its holder stopped inside it) "
+                "and is not known to be safe to run again: unlocking would let it run again "
+                "over whatever it had half done. Check what it did (`bootmigrate history`, and "
+                "the data it changes). If it completed, record that with `bootmigrate "
+                f"set-version {_done_version(step)}`, then unlock; to let it run again, "
+                "`bootmigrate unlock --force`."
+            )
+        finish = finish_command(direction, version, end)
+        if direction == "down":
+            settle = (
+                f"`bootmigrate set-version {end if end is not None else 'N'}` if the revert is "
+                f"complete, `bootmigrate set-version {version}` if migration {version} is whole"
+            )
+        elif direction == "rerun":
+            settle = f"`bootmigrate set-version {start}`"
+        else:
+            settle = (
+                f"`bootmigrate set-version {version}` if it is complete, `bootmigrate "
+                f"set-version {start}` if nothing of it remains"
+            )
+        first = ""
+        if self.failure:
+            force = " --force" if self.failure.get("kind") == "interrupted" else ""
+            first = f"unlock first (`bootmigrate unlock{force}`), then "
+        return (
+            f"{label} did not finish: the database (at version {self.db_version}) may be half "
+            f"way through it, so this call, which would {self.action}, refuses to step over "
+            f"it. Either finish it in its own direction: {first}`{finish}`; or, once you have "
+            f"checked the database, record the version it is really at: {settle}."
         )
 
 
@@ -353,6 +413,35 @@ class DatabaseError(MigrationError):
 
 class InvalidTarget(MigrationError, ValueError):
     """The requested target or rerun version cannot be reached from here."""
+
+
+def _done_version(step: dict[str, Any]) -> Any:
+    """The version the database is at once ``step`` has completed."""
+    direction = step.get("direction") or "up"
+    done = {"up": step.get("version"), "down": step.get("to_version")}.get(
+        direction, step.get("from_version")
+    )
+    return done if done is not None else "N"
+
+
+def finish_command(direction: str, version: Any, to_version: Any) -> str:
+    """The command that runs an unfinished step again, in its own direction (``to_version``:
+    where a ``down`` goes)."""
+    if direction == "down":
+        return f"bootmigrate down --to {to_version if to_version is not None else '<target>'}"
+    if direction == "rerun":
+        return f"bootmigrate rerun {version}"
+    return f"bootmigrate up --to {version}"
+
+
+def _after_unlock(direction: str, version: Any, to_version: Any = None) -> str:
+    """What happens once a failed or interrupted step's lock is unlocked: an ``up`` resumes at
+    the next boot; a ``down`` or ``rerun`` is finished only by running it again (no boot
+    steps over it)."""
+    if direction == "up":
+        return f"the next boot resumes at migration {version}."
+    finish = finish_command(direction, version, to_version)
+    return f"then finish it in its own direction: `{finish}`; until then no boot migrates past it."
 
 
 def _utc(moment: datetime) -> str:

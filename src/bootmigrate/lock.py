@@ -34,12 +34,21 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
-from .control import CONTROL_ID, HELD_FIELDS, Control, Owner, failure_record, parse_control
+from .control import (
+    CONTROL_ID,
+    HELD_FIELDS,
+    Control,
+    Owner,
+    failure_record,
+    parse_control,
+    step_label,
+)
 from .driver_errors import is_transient
 from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .history import Entry, History
 from .migrations import Migration
+from .plan import Plan
 from .waiting import Deadline, WaitPolicy
 
 log = logging.getLogger("bootmigrate")
@@ -161,13 +170,19 @@ class ControlLock:
         return None
 
     async def take_over(
-        self, seen: Control, known: Mapping[int, Migration], deadline: Deadline
+        self,
+        seen: Control,
+        known: Mapping[int, Migration],
+        deadline: Deadline,
+        plan: Plan | None = None,
     ) -> HeldLock | None:
-        """Take a dead holder's lock; raise :class:`LockBusy` while it lives.
+        """Take a dead holder's lock, to run ``plan``; raise :class:`LockBusy` while it lives.
 
         A holder that died inside a migration that is not safe to repeat is never stepped
         over: its lock is marked interrupted (stuck) instead, and ``None`` returned, as when
-        another process wins the takeover.
+        another process wins the takeover. One that died inside a step that is safe to repeat
+        is taken over only by a plan that starts with that step, in its direction; any other
+        plan is refused (``ControlLocked``, reason ``"unfinished"``) and the lock left as it is.
         """
         if seen.heartbeat is None or not seen.owner:
             raise LockBusy(seen)  # a lock with no lease is never presumed dead
@@ -175,10 +190,18 @@ class ControlLock:
         if not lease.expired:
             raise LockBusy(seen)
         running = seen.running
+        unfinished = seen.unfinished_step  # None once an operator recorded the version
         interrupted = known.get(running["version"]) if running else None
-        if running and not (interrupted and interrupted.safe_to_repeat):
+        if running and unfinished and not (interrupted and interrupted.safe_to_repeat):
             await self._mark_interrupted(seen, lease, deadline)
             return None
+        if unfinished and not (plan is not None and plan.resumes(unfinished)):
+            raise ControlLocked(
+                "unfinished",
+                seen,
+                collection=self.collection_name,
+                action=plan.describe() if plan is not None and plan.steps else "take it over",
+            )
         log.warning(
             "taking over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s)%s",
             seen.describe_owner(),
@@ -228,19 +251,41 @@ class ControlLock:
 
     # -- what operators do -------------------------------------------------------------------
 
-    async def unlock(self, *, force: bool) -> OperatorChange:
-        """Unlock a stuck or abandoned lock, refusing a live holder's unless ``force``; the
-        next boot resumes at the version recorded. Recorded in history."""
+    async def unlock(
+        self, *, force: bool, known: Mapping[int, Migration] | None = None
+    ) -> OperatorChange:
+        """Unlock a stuck or abandoned lock. Refused without ``force`` while a live holder
+        runs, and while it would let a migration that is not safe to repeat run again: one
+        stuck as interrupted, or one whose holder died inside it (``known`` says which
+        migrations are safe to repeat; without it, none is). The step that did not finish
+        stays recorded (``unfinished``): an ``up`` resumes at the next boot, a ``down`` or
+        ``rerun`` only when run again in its direction. Recorded in history: the unlock, and
+        the interruption of a holder that died inside a migration, if no one recorded it."""
         seen = await self.read()
         lease = await self.lease_of(seen)
         if not seen.locked:
             return OperatorChange(False, seen, lease)
-        self._refuse_live(seen, lease, "unlock", force)
-        if not (await self.collection.update_one(_unchanged(seen), _RELEASED)).modified_count:
+        await self._refuse_live(seen, lease, "unlock", force)
+        unfinished = seen.unfinished_step  # None once an operator recorded the version
+        stopped_inside = seen.running is not None and seen.failure is None
+        interrupted = (seen.failure or {}).get("kind") == "interrupted" or stopped_inside
+        if interrupted and unfinished is not None and not force:
+            migration = (known or {}).get(unfinished.get("version") or 0)
+            if not (stopped_inside and migration is not None and migration.safe_to_repeat):
+                raise ControlLocked("interrupted", seen, collection=self.collection_name)
+        update: dict[str, Any] = {**_RELEASED, "$set": {"locked": False}}
+        if unfinished is not None and "unfinished" not in seen.raw:
+            # Read from `running` or `failure`, which the release removes: keep it.
+            update["$set"]["unfinished"] = {"from_version": seen.version, **unfinished}
+        if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
             raise ControlLocked("changed", seen, collection=self.collection_name, action="unlock")
+        if stopped_inside and seen.running is not None:
+            await self.history.record(_interruption(seen.running, seen, "unlocked by an operator"))
         note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
-        name = str((seen.failure or {}).get("name") or "")
-        await self.history.record(Entry.manual("unlock", seen.version, note, name=name))
+        step = seen.failure or seen.running or {}
+        await self.history.record(
+            Entry.manual("unlock", seen.version, note, name=str(step.get("name") or ""))
+        )
         return OperatorChange(True, seen, lease)
 
     async def set_version(self, version: int, *, force: bool) -> OperatorChange:
@@ -248,13 +293,16 @@ class ControlLock:
         refused while a live holder runs unless ``force``. Recorded in history."""
         seen = await self.read()
         lease = await self.lease_of(seen)
-        self._refuse_live(seen, lease, "set the version", force)
+        await self._refuse_live(seen, lease, "set the version", force)
         if not seen.exists:
             changed = await self._create(version=version, owner=None) is not None
         else:
-            result = await self.collection.update_one(
-                _unchanged(seen), {"$set": {"version": version}}
-            )
+            update: dict[str, Any] = {"version": version}
+            if seen.unfinished_step is not None or seen.unfinished is not None:
+                # The operator says where the database is: no step is left to finish. Null,
+                # not removed, so that a `running` or `failure` left behind is not read instead.
+                update["unfinished"] = None
+            result = await self.collection.update_one(_unchanged(seen), {"$set": update})
             changed = bool(result.matched_count)
         if not changed:
             raise ControlLocked(
@@ -264,8 +312,17 @@ class ControlLock:
         await self.history.record(Entry.manual("set-version", version, note))
         return OperatorChange(True, seen, lease)
 
-    def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:
-        if seen.locked and seen.failure is None and lease.expired is False and not force:
+    async def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:
+        """Refuse to change a live holder's lock unless ``force``. A heartbeat the server's
+        clock calls recent is enough to refuse; one it calls old is not enough to proceed,
+        since that compares two clocks: the holder must also be seen not to beat for its
+        lease, on this process's clock (the rule every waiter follows)."""
+        if force or not seen.locked or seen.failure is not None or lease.lease is None:
+            return
+        alive = lease.expired is False
+        if not alive and seen.heartbeat is not None and seen.owner:
+            alive = await self._beats_within(seen, lease.lease)
+        if alive:
             raise ControlLocked(
                 "holder_alive",
                 seen,
@@ -274,6 +331,26 @@ class ControlLock:
                 heartbeat_age=lease.silent_for,
                 lease=lease.lease,
             )
+
+    async def _beats_within(self, seen: Control, lease: float) -> bool:
+        """Watch the lock for ``lease`` seconds: whether its holder beat (or it changed hands)."""
+        log.info(
+            "watching the heartbeat of %s for up to %g s (its lease) before acting on its lock; "
+            "--force skips this",
+            seen.describe_owner(),
+            lease,
+        )
+        ends = time.monotonic() + lease
+        while time.monotonic() < ends:
+            await anyio.sleep(min(0.25, lease / 4))
+            now = await self.read()
+            if (now.token, now.acquisition, now.beats) != (
+                seen.token,
+                seen.acquisition,
+                seen.beats,
+            ):
+                return True
+        return False
 
     # -- the writes behind them ----------------------------------------------------------------
 
@@ -310,7 +387,7 @@ class ControlLock:
         )
         failure = failure_record(
             "interrupted",
-            running,
+            seen.unfinished_step or running,
             seen.owner or {},
             error=error,
             detected_by=f"{self.owner.host} (pid {self.owner.pid})",
@@ -325,16 +402,7 @@ class ControlLock:
                 },
             )
             if result.modified_count:
-                await self.history.record(
-                    Entry(
-                        version=int(running.get("version") or 0),
-                        name=str(running.get("name") or ""),
-                        outcome="interrupted",
-                        direction=running.get("direction") or "up",
-                        token=seen.token,
-                        note=error,
-                    )
-                )
+                await self.history.record(_interruption(running, seen, error))
 
 
 class HeldLock:
@@ -368,10 +436,15 @@ class HeldLock:
         """The control document's collection name."""
         return self._lock.collection_name
 
-    async def start(self, running: dict[str, Any]) -> None:
+    async def start(
+        self, running: dict[str, Any], unfinished: dict[str, Any] | None = None
+    ) -> None:
         """Name the migration about to run. Its own write, so that a taker can tell a holder
-        that died inside a migration from one that died between two."""
-        await self.write(lambda: self._fenced({"$set": {"running": running}}))
+        that died inside a migration from one that died between two. ``unfinished`` (default:
+        ``running``) names it until it completes, whatever happens to the lock meanwhile."""
+        # `unfinished` outlives `running`: only this step's completion (advance) removes it.
+        update = {"$set": {"running": running, "unfinished": unfinished or running}}
+        await self.write(lambda: self._fenced(update))
 
     async def progress(self, done: int, total: int) -> None:
         """Record how far the running migration has got (shown by ``status``)."""
@@ -389,7 +462,7 @@ class HeldLock:
         transaction matches nothing, and aborts)."""
         update = {
             "$set": {"version": version},
-            "$unset": {"running": ""},
+            "$unset": {"running": "", "unfinished": ""},
             "$inc": {"beats": 1},
             "$currentDate": {"heartbeat": True},
         }
@@ -568,17 +641,34 @@ def describe_lock(control: Control, lease: Lease) -> str:
     """How a lock looked, in a few words, for what ``unlock`` reports it changed."""
     if control.failure:
         kind = control.failure.get("kind", "failed")
+        direction = control.failure.get("direction") or "up"
+        during = "" if direction == "up" else f" during its `{direction}`"
         return (
-            f"stuck at version {control.version}: migration {control.failure.get('version')} {kind}"
+            f"stuck at version {control.version}: migration {control.failure.get('version')} "
+            f"{kind}{during}"
         )
+    inside = f", inside {step_label(control.running)}" if control.running else ""
     if lease.expired:
-        return f"held by {control.describe_owner()} whose lease had expired"
+        return f"held by {control.describe_owner()} whose lease had expired{inside}"
     if lease.lease is None:
         return f"locked at version {control.version} with no owner recorded"
-    return f"held by {control.describe_owner()} (forced)"
+    return f"held by {control.describe_owner()} (forced){inside}"
+
+
+def _interruption(running: dict[str, Any], seen: Control, note: str) -> Entry:
+    """The history record of a holder that stopped inside the step ``running``."""
+    return Entry(
+        version=int(running.get("version") or 0),
+        name=str(running.get("name") or ""),
+        outcome="interrupted",
+        direction=running.get("direction") or "up",
+        token=seen.token,
+        note=note,
+    )
 
 
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
+# `unfinished` stays too: a step that did not complete is still unfinished after a release.
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
 
 

@@ -56,6 +56,23 @@ class Step:
             "direction": self.direction,
         }
 
+    def unfinished(self) -> dict[str, Any]:
+        """How the control document names this step from its start until it completes
+        (``unfinished``), and in a failure: also where it started and where it goes."""
+        return {
+            **self.running(),
+            "from_version": self.version_before,
+            "to_version": self.version_after,
+        }
+
+    def is_step(self, recorded: dict[str, Any]) -> bool:
+        """Whether this step runs the step ``recorded`` on the control document: the same
+        migration in the same direction."""
+        return (
+            recorded.get("version") == self.migration.version
+            and (recorded.get("direction") or "up") == self.direction
+        )
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -65,6 +82,18 @@ class Plan:
     to_version: int
     steps: tuple[Step, ...]
     ahead: bool = False
+
+    def resumes(self, recorded: dict[str, Any]) -> bool:
+        """Whether this plan starts with the step ``recorded`` as unfinished: the only kind of
+        plan that may run while a step is unfinished (it finishes that step first, in its
+        own direction)."""
+        return bool(self.steps) and self.steps[0].is_step(recorded)
+
+    def describe(self) -> str:
+        """What this plan would run, in a few words (for a refusal)."""
+        first = self.steps[0]
+        more = f" and {len(self.steps) - 1} more" if len(self.steps) > 1 else ""
+        return f"run migration {first.migration.version} ({first.direction}){more}"
 
 
 def latest_version(known: list[Migration]) -> int:

@@ -117,9 +117,16 @@ async def migrate(
     return await migrate_with(db, migrations, settings)
 
 
-async def migrate_with(db: Any, migrations: MigrationSource, settings: Settings) -> MigrationReport:
+async def migrate_with(
+    db: Any, migrations: MigrationSource, settings: Settings, *, explicit_rerun: bool = False
+) -> MigrationReport:
     """:func:`migrate` with its options in one :class:`Settings` (the CLI and the
-    integrations call this)."""
+    integrations call this).
+
+    A rerun asked for at boot (``rerun=N`` or ``MIGRATION_VERSION=N,rerun``) runs once per
+    build: a replica that finds it already done by this build does nothing.
+    ``explicit_rerun=True`` is an operator's own command (``bootmigrate rerun N``): it always
+    runs."""
     detect_driver(db)
     raw_request = os.environ.get(ENV_VAR)
     request = None
@@ -143,7 +150,7 @@ async def migrate_with(db: Any, migrations: MigrationSource, settings: Settings)
     )
     if settings.validate:
         await _refuse_drift(lock, known)
-    report = await Runner(db, known, settings, lock).run()
+    report = await Runner(db, known, settings, lock, rerun_once=not explicit_rerun).run()
     if request is not None and request.exit:
         report = replace(report, exit_requested=True)
     return report
@@ -235,9 +242,17 @@ class Runner:
     """One call's policy: from each reading of the control document, finish, wait or act."""
 
     def __init__(
-        self, db: Any, known: list[Migration], settings: Settings, lock: ControlLock
+        self,
+        db: Any,
+        known: list[Migration],
+        settings: Settings,
+        lock: ControlLock,
+        *,
+        rerun_once: bool = True,
     ) -> None:
         self.db = db
+        # A rerun asked for at boot runs once per build, not once per replica.
+        self.rerun_once = rerun_once and settings.rerun is not None
         self.known = known
         self.by_version: Mapping[int, Migration] = {m.version: m for m in known}
         self.settings = settings
@@ -315,9 +330,17 @@ class Runner:
                 )
                 return MigrationReport(from_version=0, to_version=plan.to_version)
         else:
+            if self.rerun_once and not control.locked:
+                done = await self._rerun_done(deadline)
+                if done is not None:
+                    return done
             with sorted_errors("take the migration lock"):
                 held = await self._take(control, plan, deadline)
             if held is not None:
+                # Again under the lock: another replica may have run it since the look above.
+                if self.rerun_once and (done := await self._rerun_done(deadline)) is not None:
+                    await held.release()
+                    return replace(done, holder=True)
                 return _Held(held, self._plan(held.control))
         self._tried = control
         raise _Missed(control)
@@ -361,19 +384,33 @@ class Runner:
         )
 
     async def _take(self, control: Control, plan: Plan, deadline: Deadline) -> HeldLock | None:
-        """The lock, if this process may have it now; ``None`` to read again."""
+        """The lock, if this process may have it now; ``None`` to read again.
+
+        A step that did not finish (a failed, interrupted or released ``down``, ``rerun`` or
+        ``up``) is never stepped over: only a plan that starts with that step, in its
+        direction, may take the lock; any other fails fast."""
         if control.stuck:
-            if not self._may_retry(control):
+            if not (
+                self._may_retry(control, plan) and not await self._failed_here(control, deadline)
+            ):
                 raise ControlLocked("stuck", control, collection=self.lock.collection_name)
             await self._check_server(plan, deadline)
             return await self._retry_failed(control, deadline)
         if not control.locked:
+            unfinished = control.unfinished_step
+            if unfinished is not None and not plan.resumes(unfinished):
+                raise ControlLocked(
+                    "unfinished",
+                    control,
+                    collection=self.lock.collection_name,
+                    action=plan.describe(),
+                )
             await self._check_server(plan, deadline)
             return await self.lock.acquire(control, deadline)
         adopted = self.lock.adopt(control)
         if adopted is not None:
             return adopted
-        return await self.lock.take_over(control, self.by_version, deadline)
+        return await self.lock.take_over(control, self.by_version, deadline, plan)
 
     async def _read(self, deadline: Deadline) -> Control:
         # Reads are bounded by the deadline; the driver's own server selection may be longer.
@@ -444,17 +481,74 @@ class Runner:
                 )
                 self._transactions_checked = True
 
-    def _may_retry(self, control: Control) -> bool:
-        """A lock stuck by a failure is retried only when the operator opted in and this is
-        a different build (the fix, presumably); never an interrupted one, never the same
-        build, and never a live lock."""
+    def _may_retry(self, control: Control, plan: Plan) -> bool:
+        """A lock stuck by a failure is retried only when the operator opted in, this is a
+        different build (the fix, presumably), and this call's plan starts with the failed
+        step in its direction; never an interrupted one, never the same build, and never a
+        live lock."""
         failure = control.failure or {}
         return bool(
             self.settings.retry_failed_on_new_build
             and failure.get("kind") == "failed"
             and self.lock.owner.build
             and failure.get("build") != self.lock.owner.build
+            and plan.resumes(failure)
         )
+
+    async def _failed_here(self, control: Control, deadline: Deadline) -> bool:
+        """Whether this build already failed the step the lock is stuck on: then it is not
+        the fix, and does not retry (in a rolling deploy, old and new builds would otherwise
+        take turns). Read from history, only when a retry is being considered."""
+        failure = control.failure or {}
+        with deadline.bound():
+            found = await self.lock.history.collection.find_one(
+                {
+                    "version": failure.get("version"),
+                    "direction": failure.get("direction") or "up",
+                    "outcome": "failed",
+                    "build": self.lock.owner.build,
+                },
+                {"_id": 1},
+            )
+        if found is not None:
+            log.info(
+                "build %s already failed migration %s: not retrying it "
+                "(retry_failed_on_new_build is for a build that may fix it)",
+                self.lock.owner.build,
+                failure.get("version"),
+            )
+        return found is not None
+
+    async def _rerun_done(self, deadline: Deadline) -> MigrationReport | None:
+        """A report that does nothing, if this build's rerun request was already carried out
+        (a history record of that rerun, applied by this build); ``None`` to run it."""
+        version, build = self.settings.rerun, self.lock.owner.build
+        with deadline.bound():
+            done = await self.lock.history.collection.find_one(
+                {"version": version, "direction": "rerun", "outcome": "applied", "build": build},
+                sort=[("finished_at", -1)],
+            )
+        if done is None:
+            return None
+        log.info(
+            "rerun of migration %s for build %s was already done by %s (pid %s) at %s: not "
+            "running it again (`bootmigrate rerun %s` runs it once more)",
+            version,
+            build,
+            done.get("host"),
+            done.get("pid"),
+            done.get("finished_at"),
+            version,
+            extra=log_fields(
+                "rerun_already_done",
+                migration_version=version,
+                build=build,
+                done_by=done.get("host"),
+                done_at=done.get("finished_at"),
+            ),
+        )
+        current = (self._last_seen or Control(exists=True)).version
+        return MigrationReport(from_version=current, to_version=current, waited=self._waited())
 
     async def _retry_failed(self, control: Control, deadline: Deadline) -> HeldLock | None:
         held = await self.lock.retry_failed(control, deadline)
