@@ -26,6 +26,7 @@ from bootmigrate.lock import ControlLock
 from bootmigrate.waiting import Deadline, WaitPolicy
 from tests.clients import open_client
 from tests.fail_points import fail_point, with_app_name
+from tests.faults.conftest import record
 from tests.in_process import control, history, ran, recorder, recorders
 
 pytestmark = pytest.mark.anyio
@@ -107,6 +108,7 @@ async def test_a_boot_whose_lock_writes_never_return_gives_up_within_its_deadlin
         took = time.monotonic() - started
 
     assert isinstance(caught.value, (DatabaseUnavailable, ControlLocked)), caught.value
+    record("9 writes never return (waiter)", runs=1, faults=1, returned_ms_max=int(took * 1000))
     assert took < wait_timeout + lease + 1.0, f"returned after {took:.1f} s"
     assert await ran(db) == []
 
@@ -143,7 +145,9 @@ async def test_a_holder_whose_writes_stop_returning_stops_within_a_lease(
         for point in blocked:
             await point.__aexit__(None, None, None)
 
-    assert gave_up - blocked_at[0] < 2 * lease + 1.0, f"gave up {gave_up - blocked_at[0]:.1f} s"
+    after = gave_up - blocked_at[0]
+    record("9 writes never return (holder)", runs=1, faults=1, gave_up_ms_max=int(after * 1000))
+    assert after < 2 * lease + 1.0, f"gave up {after:.1f} s after the writes stopped returning"
     assert await ran(db) == [(1, "up")]
     assert await history(db) == []  # the record never got through, and nothing came after
 
