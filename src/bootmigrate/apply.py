@@ -236,7 +236,13 @@ class Applier:
         )
         async for attempt in retrying:
             with attempt:
-                async with self.held.transaction_window(), transaction(self.db) as session:
+                # The commit's own retries get the other half of the lease: the heartbeat waits
+                # for the transaction, and must not wait longer than a lease in all.
+                commit_within = self.owner.lease / 2
+                async with (
+                    self.held.transaction_window(),
+                    transaction(self.db, commit_within) as session,
+                ):
                     await self._call(step, session, limit=self.owner.lease / 2)
                     await self.held.advance(step.version_after, session)
                     await self.held.record(

@@ -30,8 +30,6 @@ _ASYNC_DATABASE_TYPES: dict[str, Driver] = {
 MAJORITY = WriteConcern("majority")
 TRANSIENT_TRANSACTION_ERROR = "TransientTransactionError"
 UNKNOWN_COMMIT_RESULT = "UnknownTransactionCommitResult"
-# How long a commit whose outcome is unknown is sent again (it is idempotent on the server).
-COMMIT_RETRY_SECONDS = 30.0
 
 
 def detect_driver(db: object) -> Driver:
@@ -96,13 +94,14 @@ async def supports_transactions(db: Any) -> bool:
 
 
 @asynccontextmanager
-async def transaction(db: Any) -> AsyncIterator[Any]:
+async def transaction(db: Any, commit_within: float) -> AsyncIterator[Any]:
     """A session with a transaction (majority write concern) open on it: committed when the
     block ends, aborted if it raises or is cancelled. A commit whose outcome is unknown
     (UnknownTransactionCommitResult) is sent again, as MongoDB prescribes, for at most
-    ``COMMIT_RETRY_SECONDS``; a TransientTransactionError is the caller's to retry (the whole
-    transaction). Motor's ``start_session`` is a coroutine and PyMongo's ``start_transaction``
-    is; the other of each is not."""
+    ``commit_within`` seconds (a commit is idempotent on the server); a
+    TransientTransactionError is the caller's to retry (the whole transaction). Motor's
+    ``start_session`` is a coroutine and PyMongo's ``start_transaction`` is; the other of each
+    is not."""
     session = db.client.start_session()
     if inspect.isawaitable(session):
         session = await session
@@ -117,7 +116,7 @@ async def transaction(db: Any) -> AsyncIterator[Any]:
                 await session.abort_transaction()
             raise
         with anyio.CancelScope(shield=True):
-            await _commit(session)
+            await _commit(session, commit_within)
     finally:
         with anyio.CancelScope(shield=True):
             ended = session.end_session()
@@ -125,8 +124,8 @@ async def transaction(db: Any) -> AsyncIterator[Any]:
                 await ended
 
 
-async def _commit(session: Any) -> None:
-    ends = anyio.current_time() + COMMIT_RETRY_SECONDS
+async def _commit(session: Any, within: float) -> None:
+    ends = anyio.current_time() + within
     while True:
         try:
             await session.commit_transaction()

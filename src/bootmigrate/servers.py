@@ -260,7 +260,7 @@ async def probe_transaction(db: Any, control: Any, history: Any) -> str | None:
     transaction never commits."""
     probe = {"_id": f"bootmigrate-probe-{uuid.uuid4().hex}"}
     try:
-        async with transaction(db) as session:
+        async with transaction(db, commit_within=0) as session:  # never commits
             await control.insert_one(dict(probe), session=session)
             await history.insert_one(dict(probe), session=session)
             raise _ProbeDone
