@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 from pymongo import monitoring
 
@@ -16,11 +17,11 @@ class CommandLog(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sent: list[tuple[float, str]] = []
+        self._sent: list[tuple[float, str, dict[str, Any]]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         with self._lock:
-            self._sent.append((time.monotonic(), event.command_name))
+            self._sent.append((time.monotonic(), event.command_name, dict(event.command)))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -35,8 +36,17 @@ class CommandLog(monitoring.CommandListener):
 
     def counts(self) -> Counter[str]:
         """How many of each command were sent."""
+        return Counter(self.names())
+
+    def names(self) -> list[str]:
+        """The names of the commands sent, in order."""
         with self._lock:
-            return Counter(name for _, name in self._sent)
+            return [name for _, name, _ in self._sent]
+
+    def on(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
+        """The commands sent on ``collection`` (name and command document, as sent)."""
+        with self._lock:
+            return [(name, cmd) for _, name, cmd in self._sent if cmd.get(name) == collection]
 
     def total(self) -> int:
         """How many commands were sent."""
@@ -46,7 +56,7 @@ class CommandLog(monitoring.CommandListener):
     def most_in_one_second(self) -> int:
         """The most commands sent within any one second: the peak rate."""
         with self._lock:
-            times = [at for at, _ in self._sent]
+            times = [at for at, _, _ in self._sent]
         most, first = 0, 0
         for last, at in enumerate(times):
             while at - times[first] >= 1.0:

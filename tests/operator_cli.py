@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,19 @@ class Cli:
     env: dict[str, str]
     db: Any
     migrations: Path
+
+    @classmethod
+    def for_replicas(cls, replicas: Any) -> Cli:
+        """The operator's command on the database and migrations of ``replicas``
+        (tests/processes.py)."""
+        env = {
+            **os.environ,
+            "MONGODB_URI": replicas.uri,
+            "BOOTMIGRATE_DB": replicas.db.name,
+            "BOOTMIGRATE_MIGRATIONS": str(replicas.migrations),
+            "BOOTMIGRATE_DRIVER": replicas.driver,
+        }
+        return cls(env, replicas.db, replicas.migrations)
 
     def __call__(
         self, *args: str, stdin: str | None = None, **env: str

@@ -57,18 +57,6 @@ def two_way_migrations(directory: Path, versions: range, idempotent: bool = Fals
     )
 
 
-def operator_cli(replicas: Replicas) -> Cli:
-    """The operator's `bootmigrate` command, on the replicas' database and migrations."""
-    env = {
-        **os.environ,
-        "MONGODB_URI": replicas.uri,
-        "BOOTMIGRATE_DB": replicas.db.name,
-        "BOOTMIGRATE_MIGRATIONS": str(replicas.migrations),
-        "BOOTMIGRATE_DRIVER": replicas.driver,
-    }
-    return Cli(env, replicas.db, replicas.migrations)
-
-
 def killed_inside(replicas: Replicas, version: int, direction: str, **options: Any) -> int:
     """Start a replica that blocks inside ``direction`` of migration ``version``, SIGKILL it
     there, and return its pid."""
@@ -115,7 +103,7 @@ def test_a_down_killed_inside_is_never_stepped_over_by_a_later_up(
         # Not safe to repeat: stuck as interrupted, as ever. The operator unlocks (it takes
         # --force now); the step stays unfinished, so the next boot still refuses.
         assert "was interrupted" in result["message"]
-        forced = operator_cli(replicas)("unlock", "--force")
+        forced = Cli.for_replicas(replicas)("unlock", "--force")
         assert forced.returncode == 0, forced.stderr
         result = boot(replicas, lease=LEASE, wait_timeout=30)
         assert (result["exit_code"], result.get("error")) == (1, "ControlLocked"), result
@@ -152,7 +140,7 @@ def test_a_rerun_killed_inside_is_never_stepped_over_by_a_later_up(
     assert (result["exit_code"], result.get("error")) == (1, "ControlLocked"), result
     if not idempotent:
         assert "was interrupted" in result["message"]
-        assert operator_cli(replicas)("unlock", "--force").returncode == 0
+        assert Cli.for_replicas(replicas)("unlock", "--force").returncode == 0
         result = boot(replicas, lease=LEASE, wait_timeout=30)
         assert (result["exit_code"], result.get("error")) == (1, "ControlLocked"), result
     assert "migration 2 step_2 (rerun) did not finish" in result["message"]
@@ -160,7 +148,7 @@ def test_a_rerun_killed_inside_is_never_stepped_over_by_a_later_up(
     assert sync_db.migrations.find_one({"_id": "control"})["version"] == 3
     assert runs(sync_db) == before  # migration 4 did not run
 
-    rerun = operator_cli(replicas)("rerun", "2")
+    rerun = Cli.for_replicas(replicas)("rerun", "2")
     assert rerun.returncode == 0, rerun.stderr
     after = boot(replicas, lease=LEASE, wait_timeout=30)
     assert (after["exit_code"], after.get("applied")) == (0, [4]), after

@@ -8,42 +8,23 @@ from typing import Any
 
 import anyio
 import pytest
-from pymongo import monitoring
 
 from bootmigrate import LockLost, Migration, migrate
 from bootmigrate.control import Owner
 from bootmigrate.lock import ControlLock
 from bootmigrate.waiting import Deadline, WaitPolicy
 from tests.clients import open_client
+from tests.command_monitor import CommandLog
 from tests.in_process import control, history, recorders
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.anyio
 
 
-class Commands(monitoring.CommandListener):
-    """The commands a client sends, as sent (observation only: nothing is changed)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.sent.append((event.command_name, dict(event.command)))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-    def on(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
-        return [(name, cmd) for name, cmd in self.sent if cmd.get(name) == collection]
-
-
 async def test_lock_io_uses_majority_read_and_write_concern_whatever_the_client_says(
     driver: str, mongo_uri: str, db_name: str
 ) -> None:
-    commands = Commands()
+    commands = CommandLog()
     async with open_client(
         driver,
         mongo_uri,

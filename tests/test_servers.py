@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from pymongo import monitoring
 
 from bootmigrate import InvalidMigrations, Migration, MigrationError, UnsupportedServer, migrate
 from bootmigrate.servers import (
@@ -26,6 +25,7 @@ from bootmigrate.servers import (
     transaction_refusal,
 )
 from tests.clients import open_client
+from tests.command_monitor import CommandLog
 from tests.databases import async_database
 from tests.in_process import control, history, recorder, recorders
 
@@ -321,38 +321,22 @@ async def test_detects_a_standalone_server(driver: str, standalone_uri: str) -> 
     )
 
 
-class Commands(monitoring.CommandListener):
-    """The names of the commands a client sends, in order."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.names.append(event.command_name)
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-
 async def test_the_server_is_asked_when_the_lock_is_taken_never_when_up_to_date(
     db: Any, driver: str, mongo_uri: str
 ) -> None:
     await migrate(db, recorders(1))
-    commands = Commands()
+    commands = CommandLog()
     async with open_client(driver, mongo_uri, event_listeners=[commands]) as client:
         watched = client[db.name]
         await watched.command("ping")  # the handshake is the driver's, not ours
 
-        commands.names.clear()
+        commands.clear()
         await migrate(watched, recorders(1))  # up to date
-        up_to_date = list(commands.names)
+        up_to_date = commands.names()
 
-        commands.names.clear()
+        commands.clear()
         await migrate(watched, recorders(1, 2, 3, 4))  # three to run, one lock
-        migrating = list(commands.names)
+        migrating = commands.names()
 
     assert "buildInfo" not in up_to_date and "hello" not in up_to_date
     assert migrating.count("buildInfo") == 1  # once for the call, not once per migration

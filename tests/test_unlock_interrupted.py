@@ -25,17 +25,6 @@ from tests.test_runbook import follow, runbook
 LEASE = 1.0
 
 
-def operator_cli(replicas: Replicas) -> Cli:
-    env = {
-        **os.environ,
-        "MONGODB_URI": replicas.uri,
-        "BOOTMIGRATE_DB": replicas.db.name,
-        "BOOTMIGRATE_MIGRATIONS": str(replicas.migrations),
-        "BOOTMIGRATE_DRIVER": replicas.driver,
-    }
-    return Cli(env, replicas.db, replicas.migrations)
-
-
 @pytest.mark.multiprocess
 def test_a_holder_killed_inside_a_plain_migration_is_unlocked_only_with_force(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
@@ -46,7 +35,7 @@ def test_a_holder_killed_inside_a_plain_migration_is_unlocked_only_with_force(
     holder.kill()
     dead = sync_db.migrations.find_one({"_id": "control"})
     wait_past_lease(sync_db, dead["heartbeat"], LEASE, "the killed holder's")
-    cli = operator_cli(replicas)
+    cli = Cli.for_replicas(replicas)
 
     status = cli("status")  # no replica booted meanwhile: nothing has marked it yet
 

@@ -22,7 +22,7 @@ from bootmigrate import (
 )
 from bootmigrate.control import Owner
 from bootmigrate.history import Entry
-from bootmigrate.lock import ControlLock
+from bootmigrate.lock import ControlLock, HeldLock
 from bootmigrate.waiting import Deadline, WaitPolicy
 from tests.clients import open_client
 from tests.fail_points import fail_point, with_app_name
@@ -49,19 +49,24 @@ async def holder_db(driver: str, fault_uri: str, db: Any) -> AsyncIterator[Any]:
         yield client[db.name]
 
 
-def lock_on(db: Any, lease: float = 30.0) -> ControlLock:
-    owner = Owner.this_process(None, lease)
-    return ControlLock(
-        db, collection="migrations", history="migrations_history", owner=owner, waiting=WaitPolicy()
+async def acquired(db: Any, lease: float = 30.0) -> HeldLock:
+    """The lock, taken by a process of its own on ``db``."""
+    lock = ControlLock(
+        db,
+        collection="migrations",
+        history="migrations_history",
+        owner=Owner.this_process(None, lease),
+        waiting=WaitPolicy(),
     )
+    held = await lock.acquire(await lock.read(), Deadline.after(10))
+    assert held is not None
+    return held
 
 
 async def test_a_release_whose_reply_was_lost_is_recognised_as_done(
     holder_db: Any, db: Any
 ) -> None:
-    lock = lock_on(holder_db)
-    held = await lock.acquire(await lock.read(), Deadline.after(10))
-    assert held is not None
+    held = await acquired(holder_db)
 
     async with fail_point(
         holder_db, {"times": 1}, failCommands=["findAndModify"], dropReply=True, appName="holder"
@@ -75,9 +80,7 @@ async def test_a_release_whose_reply_was_lost_is_recognised_as_done(
 async def test_a_history_record_whose_reply_was_lost_is_written_once(
     holder_db: Any, db: Any
 ) -> None:
-    lock = lock_on(holder_db)
-    held = await lock.acquire(await lock.read(), Deadline.after(10))
-    assert held is not None
+    held = await acquired(holder_db)
 
     async with fail_point(
         holder_db, {"times": 1}, failCommands=["insert"], dropReply=True, appName="holder"
