@@ -99,15 +99,15 @@ def test_a_down_killed_inside_is_never_stepped_over_by_a_later_up(
     result = boot(replicas, lease=LEASE, wait_timeout=30)  # a replica of the build at 3
 
     assert (result["exit_code"], result.get("error")) == (1, "ControlLocked"), result
-    if not idempotent:
-        # Not safe to repeat: stuck as interrupted, as ever. The operator unlocks (it takes
-        # --force now); the step stays unfinished, so the next boot still refuses.
-        assert "was interrupted" in result["message"]
-        forced = Cli.for_replicas(replicas)("unlock", "--force")
-        assert forced.returncode == 0, forced.stderr
-        result = boot(replicas, lease=LEASE, wait_timeout=30)
-        assert (result["exit_code"], result.get("error")) == (1, "ControlLocked"), result
-        assert "migration 2 step_2 (down) is still unfinished" in forced.stdout
+    # A down is not safe to repeat even when the migration declares `idempotent` (which
+    # speaks of its `up`): stuck as interrupted. The operator unlocks (it takes --force); the
+    # step stays unfinished, so the next boot still refuses.
+    assert "was interrupted" in result["message"]
+    forced = Cli.for_replicas(replicas)("unlock", "--force")
+    assert forced.returncode == 0, forced.stderr
+    result = boot(replicas, lease=LEASE, wait_timeout=30)
+    assert (result["exit_code"], result.get("error")) == (1, "ControlLocked"), result
+    assert "migration 2 step_2 (down) is still unfinished" in forced.stdout
     message = result["message"]
     assert "migration 2 step_2 (down) did not finish" in message
     assert "`bootmigrate down --to 1`" in message and "bootmigrate set-version" in message
@@ -205,11 +205,11 @@ async def test_a_failed_down_unlocked_is_never_stepped_over_by_a_later_up(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("transactional", [False, True], ids=["idempotent", "transactional"])
-async def test_a_down_safe_to_repeat_cancelled_inside_is_not_stepped_over(
-    db: Any, transactional: bool
-) -> None:
-    """Cancelled inside a step that is safe to repeat, the holder releases the lock rather
-    than sticking it; the step stays unfinished, so only a down resumes it."""
+async def test_a_down_cancelled_inside_is_not_stepped_over(db: Any, transactional: bool) -> None:
+    """Cancelled inside a transactional down (safe to repeat), the holder releases the lock
+    rather than sticking it; the step stays unfinished, so only a down resumes it. Inside the
+    down of a migration declared idempotent (which speaks of its `up`), it sticks the lock as
+    interrupted."""
     entered, gate = anyio.Event(), anyio.Event()
 
     async def down(db: Any, ctx: Any) -> None:
@@ -232,6 +232,10 @@ async def test_a_down_safe_to_repeat_cancelled_inside_is_not_stepped_over(
             await entered.wait()
             scope.cancel()
     doc = await control(db)
+    if not transactional:
+        assert doc is not None and (doc["locked"], doc["version"]) == (True, 2)
+        assert (doc["failure"]["kind"], doc["failure"]["direction"]) == ("interrupted", "down")
+        return
     assert doc is not None and (doc["locked"], doc["version"]) == (False, 2)
 
     with pytest.raises(ControlLocked, match=r"migration 2 step_2 \(down\) did not finish"):

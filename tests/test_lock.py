@@ -158,3 +158,23 @@ async def test_operators_see_no_lease_where_the_holder_recorded_none(db: Any) ->
 
     assert done.changed
     assert (await control(db) or {})["locked"] is False
+
+
+async def test_a_holder_naming_its_next_migration_is_not_taken_over_on_an_older_look(
+    db: Any,
+) -> None:
+    """A taker decides from a look at a lock silent for a lease, with no migration running;
+    the holder wakes and names its next migration meanwhile. That write is a beat: the taker's
+    compare-and-swap on the older look must fail, or both would run the migration."""
+    old = await acquired(lock_for(db, "a", lease=SHORT_LEASE))
+    taker = lock_for(db, "b")
+    deadline = Deadline.after(10)
+    while not taker.observed(seen := await taker.read()).expired:
+        assert deadline.remaining() > 0, "the lock was never found silent"
+        await anyio.sleep(0.05)
+
+    await old.start({"version": 2, "name": "two", "direction": "up"})
+
+    assert await taker.take_over(seen, {}, deadline) is None
+    doc = await control(db)
+    assert doc is not None and doc["owner"]["host"] == "a" and doc["running"]["version"] == 2

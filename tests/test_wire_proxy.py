@@ -66,7 +66,7 @@ async def db(client: Any, sync_db: Any) -> Any:
 async def test_plain_traffic_passes(db: Any, sync_db: Any) -> None:
     await db.things.insert_one({"_id": 1, "n": 1})
     assert await db.things.find_one({"_id": 1}) == {"_id": 1, "n": 1}
-    async with transaction(db) as session:
+    async with transaction(db, commit_within=10) as session:
         await db.things.insert_one({"_id": 2}, session=session)
         await db.things.update_one({"_id": 1}, {"$inc": {"n": 1}}, session=session)
     assert sorted(sync_db.things.find(), key=lambda d: d["_id"]) == [{"_id": 1, "n": 2}, {"_id": 2}]

@@ -307,7 +307,7 @@ class Applier:
 
     async def _record_interruption(self, run: StepRun) -> None:
         migration = run.step.migration
-        if migration.safe_to_repeat:  # a transaction left nothing behind
+        if migration.safe_to_repeat(run.step.direction):
             log.warning(
                 "cancelled inside migration %s, which is safe to run again: releasing the "
                 "lock; the next boot re-runs it",

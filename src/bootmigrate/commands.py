@@ -307,7 +307,8 @@ def _on_expiry(control: Control, lease: Lease, known: Mapping[int, Migration] | 
     version = unfinished.get("version") or 0
     migration = (known or {}).get(version)
     label = step_label(unfinished)
-    if control.running is not None and not (migration and migration.safe_to_repeat):
+    repeatable = migration is not None and migration.safe_to_repeat(unfinished.get("direction"))
+    if control.running is not None and not repeatable:
         return (
             f"the next boot that needs the lock marks {label} interrupted, since it is not "
             "declared safe to run again; `unlock` needs --force"

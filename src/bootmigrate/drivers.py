@@ -99,7 +99,10 @@ async def transaction(db: Any, commit_within: float) -> AsyncIterator[Any]:
     block ends, aborted if it raises or is cancelled. A commit whose outcome is unknown
     (UnknownTransactionCommitResult) is sent again, as MongoDB prescribes, for at most
     ``commit_within`` seconds (a commit is idempotent on the server); a
-    TransientTransactionError is the caller's to retry (the whole transaction). Motor's
+    TransientTransactionError is the caller's to retry (the whole transaction). The abort and
+    the commit are shielded from cancellation but bounded by ``commit_within`` all the same: a
+    server that never answers an abort aborts the transaction itself at its lifetime limit, and
+    a commit that never answers raises ``TimeoutError``. Motor's
     ``start_session`` is a coroutine and PyMongo's ``start_transaction`` is; the other of each
     is not."""
     session = db.client.start_session()
@@ -112,26 +115,26 @@ async def transaction(db: Any, commit_within: float) -> AsyncIterator[Any]:
         try:
             yield session
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(commit_within):
                 await session.abort_transaction()
             raise
-        with anyio.CancelScope(shield=True):
-            await _commit(session, commit_within)
+        with anyio.CancelScope(shield=True), anyio.fail_after(commit_within):
+            await _commit(session)
     finally:
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(commit_within):
             ended = session.end_session()
             if inspect.isawaitable(ended):
                 await ended
 
 
-async def _commit(session: Any, within: float) -> None:
-    ends = anyio.current_time() + within
+async def _commit(session: Any) -> None:
+    """Commit, sending the commit again while its outcome is unknown (the caller bounds it)."""
     while True:
         try:
             await session.commit_transaction()
             return
         except PyMongoError as exc:
-            if not exc.has_error_label(UNKNOWN_COMMIT_RESULT) or anyio.current_time() > ends:
+            if not exc.has_error_label(UNKNOWN_COMMIT_RESULT):
                 raise
         await anyio.sleep(0.05)
 

@@ -192,7 +192,10 @@ class ControlLock:
         running = seen.running
         unfinished = seen.unfinished_step  # None once an operator recorded the version
         interrupted = known.get(running["version"]) if running else None
-        if running and unfinished and not (interrupted and interrupted.safe_to_repeat):
+        repeatable = interrupted is not None and interrupted.safe_to_repeat(
+            (running or {}).get("direction")
+        )
+        if running and unfinished and not repeatable:
             await self._mark_interrupted(seen, lease, deadline)
             return None
         if unfinished and not (plan is not None and plan.resumes(unfinished)):
@@ -271,7 +274,10 @@ class ControlLock:
         interrupted = (seen.failure or {}).get("kind") == "interrupted" or stopped_inside
         if interrupted and unfinished is not None and not force:
             migration = (known or {}).get(unfinished.get("version") or 0)
-            if not (stopped_inside and migration is not None and migration.safe_to_repeat):
+            repeatable = migration is not None and migration.safe_to_repeat(
+                unfinished.get("direction")
+            )
+            if not (stopped_inside and repeatable):
                 raise ControlLocked("interrupted", seen, collection=self.collection_name)
         update: dict[str, Any] = {**_RELEASED, "$set": {"locked": False}}
         if unfinished is not None and "unfinished" not in seen.raw:
@@ -443,14 +449,18 @@ class HeldLock:
         that died inside a migration from one that died between two. ``unfinished`` (default:
         ``running``) names it until it completes, whatever happens to the lock meanwhile."""
         # `unfinished` outlives `running`: only this step's completion (advance) removes it.
-        update = {"$set": {"running": running, "unfinished": unfinished or running}}
+        update = {
+            "$set": {"running": running, "unfinished": unfinished or running},
+            **_BEAT,
+        }
         await self.write(lambda: self._fenced(update))
 
     async def progress(self, done: int, total: int) -> None:
         """Record how far the running migration has got (shown by ``status``)."""
         update = {
             "$set": {"running.progress.done": done, "running.progress.total": total},
-            "$currentDate": {"running.progress.at": True},
+            "$inc": {"beats": 1},
+            "$currentDate": {"running.progress.at": True, "heartbeat": True},
         }
         self._refuse_if_lost()
         with anyio.fail_after(self._lock.owner.lease):
@@ -463,8 +473,7 @@ class HeldLock:
         update = {
             "$set": {"version": version},
             "$unset": {"running": "", "unfinished": ""},
-            "$inc": {"beats": 1},
-            "$currentDate": {"heartbeat": True},
+            **_BEAT,
         }
         await self._bookkeeping(lambda: self._fenced(update, session), session)
 
@@ -487,6 +496,9 @@ class HeldLock:
         update = {
             "$set": {"failure": failure},
             "$unset": {"heartbeat": "", "owner": "", "running": ""},
+            # A change every look can see: an operator's unlock or a taker that read the lock
+            # before it was stuck must not match it after.
+            "$inc": {"beats": 1},
         }
         await self.write(lambda: self._fenced(update))
 
@@ -536,8 +548,7 @@ class HeldLock:
         the heartbeat out meanwhile (its transaction's own fenced write refreshes it)."""
         self._refuse_if_lost()
         async with self._serial:
-            with anyio.fail_after(self._lock.owner.lease):
-                ours = await self._beat()
+            ours = await self.write(self._beat)  # transient errors retried within the lease
             if not ours:
                 self.lost = True
                 raise self.lost_error("before a transaction")
@@ -571,9 +582,7 @@ class HeldLock:
                         # Again before every retry: the heartbeat may have given up meanwhile.
                         self._refuse_if_lost()
                         with anyio.fail_after(max(ends - time.monotonic(), 0.001)):
-                            result = await write()
-                        self._last_contact = time.monotonic()
-                        return result
+                            return await write()
             except Exception as exc:
                 if not worth_retrying(exc):
                     raise
@@ -584,12 +593,16 @@ class HeldLock:
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _beat(self) -> bool:
-        result = await self._lock.collection.update_one(
-            self._fence(), {"$currentDate": {"heartbeat": True}, "$inc": {"beats": 1}}
-        )
+        sent = time.monotonic()
+        result = await self._lock.collection.update_one(self._fence(), _BEAT)
         if result.matched_count:
-            self._last_contact = time.monotonic()
+            self._beaten(sent)
         return bool(result.matched_count)
+
+    def _beaten(self, sent: float) -> None:
+        """A write that moved ``beats`` landed. Waiters count their lease from when they saw
+        it, which is no earlier than when it was sent: so does this holder."""
+        self._last_contact = max(self._last_contact, sent)
 
     async def _bookkeeping(self, write: Callable[[], Awaitable[None]], session: Any) -> None:
         """Inside a transaction a write joins it: no shield and no retry of its own (the
@@ -619,10 +632,13 @@ class HeldLock:
         self, update: dict[str, Any], session: Any = None, *, done_if: dict[str, Any] | None = None
     ) -> None:
         collection = self._lock.collection
+        sent = time.monotonic()
         doc = await collection.find_one_and_update(
             self._fence(), update, return_document=ReturnDocument.AFTER, session=session
         )
         if doc is not None:
+            if session is None and "beats" in update.get("$inc", {}):
+                self._beaten(sent)
             return
         if done_if is not None and await collection.find_one(done_if, {"_id": 1}) is not None:
             return  # an earlier try went through; only its reply was lost
@@ -670,6 +686,9 @@ def _interruption(running: dict[str, Any], seen: Control, note: str) -> Entry:
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
 # `unfinished` stays too: a step that did not complete is still unfinished after a release.
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
+
+# What every write that proves the holder alive adds: waiters judge liveness by `beats` alone.
+_BEAT: dict[str, Any] = {"$inc": {"beats": 1}, "$currentDate": {"heartbeat": True}}
 
 
 def _fence(token: int, acquisition: str | None) -> dict[str, Any]:
@@ -738,4 +757,7 @@ def _unchanged(seen: Control) -> dict[str, Any]:
         # None matches a missing field too, as in a document written by Rocket.Chat.
         "token": seen.raw.get("token"),
         "beats": seen.raw.get("beats"),
+        "acquisition": seen.raw.get("acquisition"),
+        "running": seen.raw.get("running"),
+        "failure": seen.raw.get("failure"),
     }

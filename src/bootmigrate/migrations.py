@@ -61,11 +61,11 @@ class Migration:
         # Checked once, here, so that loading the same set again costs nothing.
         object.__setattr__(self, "_arities", _check_migration(self))
 
-    @property
-    def safe_to_repeat(self) -> bool:
-        """Whether ``up`` may run again after an interruption: declared idempotent, or run in
-        a transaction (which the interruption aborted, leaving nothing behind)."""
-        return self.idempotent or self.transactional
+    def safe_to_repeat(self, direction: str | None = "up") -> bool:
+        """Whether a step in ``direction`` may run again after an interruption: run in a
+        transaction (which the interruption aborted, leaving nothing behind), or an ``up`` (a
+        ``rerun`` is one) declared idempotent. ``idempotent`` says nothing of ``down``."""
+        return self.transactional or (self.idempotent and direction != "down")
 
     def wants_context(self, direction: str) -> bool:
         """Whether the step for ``direction`` takes ``ctx`` as its second parameter."""

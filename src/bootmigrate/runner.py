@@ -331,14 +331,21 @@ class Runner:
                 return MigrationReport(from_version=0, to_version=plan.to_version)
         else:
             if self.rerun_once and not control.locked:
-                done = await self._rerun_done(deadline)
+                with sorted_errors("read the history for the requested rerun"):
+                    done = await self._rerun_done(deadline)
                 if done is not None:
                     return done
             with sorted_errors("take the migration lock"):
                 held = await self._take(control, plan, deadline)
             if held is not None:
                 # Again under the lock: another replica may have run it since the look above.
-                if self.rerun_once and (done := await self._rerun_done(deadline)) is not None:
+                try:
+                    with sorted_errors("read the history for the requested rerun"):
+                        done = await self._rerun_done(deadline) if self.rerun_once else None
+                except BaseException:
+                    await held.release()  # never leave a lock taken and unused
+                    raise
+                if done is not None:
                     await held.release()
                     return replace(done, holder=True)
                 return _Held(held, self._plan(held.control))

@@ -260,7 +260,7 @@ async def probe_transaction(db: Any, control: Any, history: Any) -> str | None:
     transaction never commits."""
     probe = {"_id": f"bootmigrate-probe-{uuid.uuid4().hex}"}
     try:
-        async with transaction(db, commit_within=0) as session:  # never commits
+        async with transaction(db, commit_within=5.0) as session:  # aborted, never committed
             await control.insert_one(dict(probe), session=session)
             await history.insert_one(dict(probe), session=session)
             raise _ProbeDone

@@ -245,3 +245,35 @@ async def test_a_waiter_on_a_server_whose_clock_runs_ahead_never_takes_a_live_lo
 
     assert reports["holder"].holder and not reports["waiter"].holder
     assert await ran(db) == [(1, "up")]
+
+
+async def test_a_failed_transaction_whose_abort_never_returns_is_still_recorded(
+    holder_db: Any, db: Any
+) -> None:
+    """The abort after a failed transactional migration hangs (the server is cut off): it is
+    bounded like every other write of the holder, so the failure is recorded and reported
+    within about a lease, not after the abort's own hang."""
+    lease = 1.0
+
+    async def up(db: Any, ctx: Any) -> None:
+        await db.accounts.insert_one({"x": 1}, session=ctx.session)
+        raise RuntimeError("half way through")
+
+    migration = Migration(version=1, up=up, name="move", transactional=True)
+    async with fail_point(
+        holder_db,
+        "alwaysOn",
+        failCommands=["abortTransaction"],
+        blockConnection=True,
+        blockTimeMS=30_000,
+        appName="holder",
+    ):
+        started = time.monotonic()
+        with anyio.fail_after(60), pytest.raises(MigrationError) as caught:
+            await migrate(holder_db, [migration], lease=lease, wait_timeout=2.0)
+        took = time.monotonic() - started
+
+    assert "half way through" in str(caught.value)
+    assert took < 3 * lease, f"took {took:.1f} s"
+    doc = await control(db)
+    assert doc is not None and doc["failure"]["kind"] == "failed"
