@@ -236,9 +236,10 @@ class Applier:
         )
         async for attempt in retrying:
             with attempt:
-                # The commit's own retries get the other half of the lease: the heartbeat waits
-                # for the transaction, and must not wait longer than a lease in all.
-                commit_within = self.owner.lease / 2
+                # The heartbeat waits for the transaction, whose every part must therefore end
+                # well within a lease of the beat before it: half for the migration, a quarter
+                # for the commit (or abort) and its retries, a quarter left for the next beat.
+                commit_within = self.owner.lease / 4
                 async with (
                     self.held.transaction_window(),
                     transaction(self.db, commit_within) as session,

@@ -257,21 +257,26 @@ async def test_a_failed_transaction_whose_abort_never_returns_is_still_recorded(
 
     async def up(db: Any, ctx: Any) -> None:
         await db.accounts.insert_one({"x": 1}, session=ctx.session)
+        # From here on the server holds every abort (set here, so that only this one is hit).
+        await holder_db.client.admin.command(
+            {
+                "configureFailPoint": "failCommand",
+                "mode": "alwaysOn",
+                "data": {
+                    "failCommands": ["abortTransaction"],
+                    "blockConnection": True,
+                    "blockTimeMS": 30_000,
+                    "appName": "holder",
+                },
+            }
+        )
         raise RuntimeError("half way through")
 
     migration = Migration(version=1, up=up, name="move", transactional=True)
-    async with fail_point(
-        holder_db,
-        "alwaysOn",
-        failCommands=["abortTransaction"],
-        blockConnection=True,
-        blockTimeMS=30_000,
-        appName="holder",
-    ):
-        started = time.monotonic()
-        with anyio.fail_after(60), pytest.raises(MigrationError) as caught:
-            await migrate(holder_db, [migration], lease=lease, wait_timeout=2.0)
-        took = time.monotonic() - started
+    started = time.monotonic()
+    with anyio.fail_after(60), pytest.raises(MigrationError) as caught:
+        await migrate(holder_db, [migration], lease=lease, wait_timeout=2.0)
+    took = time.monotonic() - started
 
     assert "half way through" in str(caught.value)
     assert took < 3 * lease, f"took {took:.1f} s"
