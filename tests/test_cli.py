@@ -194,7 +194,7 @@ def test_status_of_a_live_lock_names_the_holder_and_exits_4(cli: Cli) -> None:
 
     assert done.returncode == 4
     assert "holder     app-7 pid 99 build 2.4.0" in done.stdout
-    assert "(lease valid)" in done.stdout
+    assert "(within its lease)" in done.stdout
     assert "running    2 step_2" in done.stdout
     lock = cli.json("status")["lock"]
     assert (lock["lease_expired"], lock["lease_s"]) == (False, 3600.0)

@@ -149,7 +149,7 @@ def holder_died_inside_2(cli: Cli) -> None:
                 "beats": 3,
                 "heartbeat": beat,
                 "locked_at": beat,
-                "owner": {"host": "app-3", "pid": 4242, "build": "b", "lease": 30.0, "id": "x"},
+                "owner": {"host": "app-3", "pid": 4242, "build": "b", "lease": 1.0, "id": "x"},
                 "running": step,
                 "unfinished": {**step, "from_version": 1, "to_version": 2},
             }

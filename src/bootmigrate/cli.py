@@ -546,12 +546,17 @@ def _print_status(session: Session, found: commands.Status) -> None:
             rows.append(("since", f"{lock.since:%Y-%m-%d %H:%M:%S} UTC"))
         if lock.heartbeat_age is not None:
             expired = (
-                f" (lease expired: {lock.on_expiry or 'the next boot takes it over'})"
+                f" (past its lease: {lock.on_expiry or 'the next boot takes it over'})"
                 if lock.lease_expired
-                else " (lease valid)"
+                else " (within its lease)"
             )
+            # The server's clock dates the beat for people; replicas decide on their own clock.
             rows.append(
-                ("heartbeat", f"{lock.heartbeat_age:.1f} s ago, lease {lock.lease:g} s{expired}")
+                (
+                    "heartbeat",
+                    f"{lock.heartbeat_age:.1f} s ago by the server's clock, lease "
+                    f"{lock.lease:g} s{expired}",
+                )
             )
         if lock.running:
             progress = lock.running.get("progress") or {}

@@ -607,6 +607,15 @@ class Runner:
                         running=c.running,
                     ),
                 )
+                lease = c.recorded_lease
+                if lease is not None and lease >= self.settings.wait_timeout:
+                    log.warning(
+                        "the holder's lease (%g s) is not shorter than this replica's "
+                        "wait_timeout (%g s): it cannot see the holder die before giving up; if "
+                        "the holder is gone, raise wait_timeout or run `bootmigrate unlock`",
+                        lease,
+                        self.settings.wait_timeout,
+                    )
         elif isinstance(exc, _Missed):
             log.debug("%s; looking again", exc)
         else:
