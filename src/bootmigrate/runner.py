@@ -149,16 +149,26 @@ async def migrate_with(
         waiting=settings.waiting,
     )
     if settings.validate:
-        await _refuse_drift(lock, known)
+        await _refuse_drift(lock, known, settings.wait_timeout)
     report = await Runner(db, known, settings, lock, rerun_once=not explicit_rerun).run()
     if request is not None and request.exit:
         report = replace(report, exit_requested=True)
     return report
 
 
-async def _refuse_drift(lock: ControlLock, known: list[Migration]) -> None:
-    version = (await lock.read()).version
-    drift = await find_drift(lock.history.collection, known, version)
+async def _refuse_drift(lock: ControlLock, known: list[Migration], wait_timeout: float) -> None:
+    operation = "compare the applied migrations with their history (validate=True)"
+    try:
+        with anyio.fail_after(wait_timeout), sorted_errors(operation):
+            version = (await lock.read()).version
+            drift = await find_drift(lock.history.collection, known, version)
+    except (TryAgain, TimeoutError) as exc:
+        raise DatabaseUnavailable(
+            address=address_of(lock.db),
+            seconds=wait_timeout,
+            cause=f"{operation}: {exc}",
+            holding=False,
+        ) from exc
     if drift:
         raise InvalidMigrations(
             "applied migrations differ from the ones that ran: "

@@ -80,3 +80,19 @@ async def test_reachable_after_a_delay_boots_within_the_deadline(
     record("5 server unreachable", runs=1, faults=1)
     assert outcome["report"].applied == [1, 2]
     assert delay <= outcome["at"] - started < deadline
+
+
+async def test_never_reachable_with_validation_fails_at_the_deadline(driver: str) -> None:
+    """``validate=True`` reads the history before anything else: that read keeps the same
+    deadline and gives the same clear error, not the driver's own after its 30 s."""
+    wait_timeout = 1.0
+    client = make_client(
+        driver, f"mongodb://127.0.0.1:{free_port()}/", serverSelectionTimeoutMS=30000
+    )
+    started = time.monotonic()
+    try:
+        with anyio.fail_after(60), pytest.raises(DatabaseUnavailable):
+            await migrate(client["app"], recorders(1), wait_timeout=wait_timeout, validate=True)
+    finally:
+        await close_client(client)
+    assert time.monotonic() - started < wait_timeout + LATE_BY_AT_MOST
