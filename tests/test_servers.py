@@ -27,7 +27,7 @@ from bootmigrate.servers import (
 from tests.clients import open_client
 from tests.command_monitor import CommandLog
 from tests.databases import async_database
-from tests.in_process import control, history, recorder, recorders
+from tests.in_process import control, dead_holder_lock, history, recorder, recorders
 
 pytestmark = pytest.mark.anyio
 
@@ -341,6 +341,20 @@ async def test_the_server_is_asked_when_the_lock_is_taken_never_when_up_to_date(
     assert "buildInfo" not in up_to_date and "hello" not in up_to_date
     assert migrating.count("buildInfo") == 1  # once for the call, not once per migration
     assert migrating.count("hello") == 1  # detection's; the lease's clock is read only by waiters
+
+
+async def test_a_replica_taking_over_a_dead_holder_asks_the_server_too(
+    db: Any, driver: str, mongo_uri: str
+) -> None:
+    """A takeover is a way to the lock like an acquire: the server is checked (refused if the
+    lock cannot be safe there, transactional plans prepared) once the lock is taken."""
+    await dead_holder_lock(db, version=0, running=None, lease=0.3)
+    commands = CommandLog()
+    async with open_client(driver, mongo_uri, event_listeners=[commands]) as client:
+        report = await migrate(client[db.name], recorders(1, 2), max_poll_interval=0.1)
+
+    assert report.holder and report.applied == [1, 2]
+    assert commands.names().count("buildInfo") == 1
 
 
 def transactional(version: int, seen: list[bool]) -> Migration:

@@ -427,7 +427,15 @@ class Runner:
         adopted = self.lock.adopt(control)
         if adopted is not None:
             return adopted
-        return await self.lock.take_over(control, self.by_version, deadline, plan)
+        taken = await self.lock.take_over(control, self.by_version, deadline, plan)
+        if taken is not None:
+            # Asked only now that the lock is ours (a waiter must not pay it on every look).
+            try:
+                await self._check_server(plan, deadline)
+            except BaseException:
+                await taken.release()  # refused here: the next boot decides afresh
+                raise
+        return taken
 
     async def _read(self, deadline: Deadline) -> Control:
         # Reads are bounded by the deadline; the driver's own server selection may be longer.
