@@ -22,7 +22,7 @@ from tenacity.wait import wait_random_exponential
 
 from .context import MigrationContext
 from .control import Owner, failure_record, utc_now
-from .drivers import TRANSIENT_TRANSACTION_ERROR, transaction
+from .drivers import TRANSIENT_TRANSACTION_ERROR, CommitOutcomeUnknown, transaction
 from .errors import DatabaseUnavailable, LockLost, MigrationFailed
 from .history import Entry, Outcome, error_fields
 from .lock import HeldLock
@@ -234,6 +234,20 @@ class Applier:
             ),
             reraise=True,
         )
+        try:
+            await self._transaction_attempts(run, retrying)
+        except CommitOutcomeUnknown:
+            # Its fenced version write tells: applied with the commit, or not at all.
+            if not await self.held.reached(step.version_after):
+                raise
+            log.warning(
+                "migration %s: the commit went unanswered, but the control document shows it "
+                "applied",
+                step.migration.label(),
+            )
+
+    async def _transaction_attempts(self, run: StepRun, retrying: AsyncRetrying) -> None:
+        step = run.step
         async for attempt in retrying:
             with attempt:
                 # The heartbeat waits for the transaction, whose every part must therefore end

@@ -102,7 +102,7 @@ async def transaction(db: Any, commit_within: float) -> AsyncIterator[Any]:
     TransientTransactionError is the caller's to retry (the whole transaction). The abort and
     the commit are shielded from cancellation but bounded by ``commit_within`` all the same: a
     server that never answers an abort aborts the transaction itself at its lifetime limit, and
-    a commit that never answers raises ``TimeoutError``. Motor's
+    a commit that never answers raises :class:`CommitOutcomeUnknown`. Motor's
     ``start_session`` is a coroutine and PyMongo's ``start_transaction`` is; the other of each
     is not."""
     session = db.client.start_session()
@@ -118,13 +118,21 @@ async def transaction(db: Any, commit_within: float) -> AsyncIterator[Any]:
             with anyio.CancelScope(shield=True), anyio.move_on_after(commit_within):
                 await session.abort_transaction()
             raise
-        with anyio.CancelScope(shield=True), anyio.fail_after(commit_within):
-            await _commit(session)
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(commit_within):
+                await _commit(session)
+        except TimeoutError as exc:
+            raise CommitOutcomeUnknown(f"no answer to the commit in {commit_within:g} s") from exc
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(commit_within):
             ended = session.end_session()
             if inspect.isawaitable(ended):
                 await ended
+
+
+class CommitOutcomeUnknown(Exception):
+    """A commit kept going unanswered (or answering UnknownTransactionCommitResult) for as
+    long as it may take: it may or may not have been applied, which only a read can tell."""
 
 
 async def _commit(session: Any) -> None:

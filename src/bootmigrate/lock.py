@@ -477,6 +477,13 @@ class HeldLock:
         }
         await self._bookkeeping(lambda: self._fenced(update, session), session)
 
+    async def reached(self, version: int) -> bool:
+        """Whether this acquisition's lock shows ``version`` reached with nothing running:
+        how a transaction whose commit went unanswered is found to have been applied."""
+        done = {**self._fence(), "version": version, "running": None}
+        found = await self.write(lambda: self._lock.collection.find_one(done, {"_id": 1}))
+        return found is not None
+
     async def release(self) -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing. A
         re-sent release that finds the lock already released by its first try (whose reply

@@ -282,3 +282,26 @@ async def test_a_failed_transaction_whose_abort_never_returns_is_still_recorded(
     assert took < 3 * lease, f"took {took:.1f} s"
     doc = await control(db)
     assert doc is not None and doc["failure"]["kind"] == "failed"
+
+
+async def test_a_commit_whose_every_reply_is_lost_is_found_applied(holder_db: Any, db: Any) -> None:
+    """Every commit reaches the server and commits, and no reply comes back: after its
+    budget the holder reads its own fenced version write, finds the step applied, and goes on
+    rather than sticking a migration that committed as failed."""
+
+    async def up(db: Any, ctx: Any) -> None:
+        await db.accounts.insert_one({"moved": True}, session=ctx.session)
+
+    migration = Migration(version=1, up=up, name="move", transactional=True)
+    async with fail_point(
+        holder_db, "alwaysOn", failCommands=["commitTransaction"], dropReply=True, appName="holder"
+    ):
+        with anyio.fail_after(30):
+            report = await migrate(holder_db, [migration, recorder(2)], lease=2.0)
+
+    assert report.applied == [1, 2]
+    assert await db.accounts.count_documents({}) == 1
+    outcomes = [(r["version"], r["outcome"]) for r in await history(db)]
+    assert sorted(outcomes) == [(1, "applied"), (2, "applied")]
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"]) == (False, 2)
