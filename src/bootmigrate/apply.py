@@ -37,7 +37,11 @@ log = logging.getLogger("bootmigrate")
 TRANSACTION_RETRY_SECONDS = 120.0
 
 
-def _transient_transaction_error(exc: BaseException) -> bool:
+def _worth_another_transaction(exc: BaseException) -> bool:
+    """A TransientTransactionError, or a commit left unanswered that turned out not to have
+    been applied: either way the transaction is run again, from the start."""
+    if isinstance(exc, CommitOutcomeUnknown):
+        return True
     return isinstance(exc, PyMongoError) and exc.has_error_label(TRANSIENT_TRANSACTION_ERROR)
 
 
@@ -222,7 +226,7 @@ class Applier:
         heartbeat."""
         step = run.step
         retrying = AsyncRetrying(
-            retry=retry_if_exception(_transient_transaction_error),
+            retry=retry_if_exception(_worth_another_transaction),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             stop=stop_after_delay(TRANSACTION_RETRY_SECONDS),
             before_sleep=lambda state: log.warning(
@@ -234,35 +238,36 @@ class Applier:
             ),
             reraise=True,
         )
-        try:
-            await self._transaction_attempts(run, retrying)
-        except CommitOutcomeUnknown:
-            # Its fenced version write tells: applied with the commit, or not at all.
-            if not await self.held.reached(step.version_after):
-                raise
-            log.warning(
-                "migration %s: the commit went unanswered, but the control document shows it "
-                "applied",
-                step.migration.label(),
-            )
-
-    async def _transaction_attempts(self, run: StepRun, retrying: AsyncRetrying) -> None:
-        step = run.step
         async for attempt in retrying:
             with attempt:
-                # The heartbeat waits for the transaction, whose every part must therefore end
-                # well within a lease of the beat before it: half for the migration, a quarter
-                # for the commit (or abort) and its retries, a quarter left for the next beat.
-                commit_within = self.owner.lease / 4
-                async with (
-                    self.held.transaction_window(),
-                    transaction(self.db, commit_within) as session,
-                ):
-                    await self._call(step, session, limit=self.owner.lease / 2)
-                    await self.held.advance(step.version_after, session)
-                    await self.held.record(
-                        run.entry("applied", self.held.token, checksum=step.checksum), session
+                try:
+                    await self._transaction_attempt(run)
+                except CommitOutcomeUnknown:
+                    # Its fenced version write tells: applied with the commit, or not at all
+                    # (then the transaction is run again, as after a transient error).
+                    if not await self.held.reached(step.version_after):
+                        raise
+                    log.warning(
+                        "migration %s: the commit went unanswered, but the control document "
+                        "shows it applied",
+                        step.migration.label(),
                     )
+
+    async def _transaction_attempt(self, run: StepRun) -> None:
+        step = run.step
+        # The heartbeat waits for the transaction, whose every part must therefore end well
+        # within a lease of the beat before it: half for the migration, a quarter for the
+        # commit (or abort) and its retries, a quarter left for the next beat.
+        commit_within = self.owner.lease / 4
+        async with (
+            self.held.transaction_window(),
+            transaction(self.db, commit_within) as session,
+        ):
+            await self._call(step, session, limit=self.owner.lease / 2)
+            await self.held.advance(step.version_after, session)
+            await self.held.record(
+                run.entry("applied", self.held.token, checksum=step.checksum), session
+            )
 
     async def _call(self, step: Step, session: Any = None, limit: float | None = None) -> None:
         timeout = step.migration.timeout or self.migration_timeout

@@ -327,7 +327,10 @@ class ControlLock:
             return
         alive = lease.expired is False
         if not alive and seen.heartbeat is not None and seen.owner:
-            alive = await self._beats_within(seen, lease.lease)
+            now = await self._watched(seen, lease.lease)
+            if (now.locked, now.token, now.acquisition) != (True, seen.token, seen.acquisition):
+                raise ControlLocked("changed", seen, collection=self.collection_name, action=action)
+            alive = now.beats != seen.beats
         if alive:
             raise ControlLocked(
                 "holder_alive",
@@ -338,8 +341,9 @@ class ControlLock:
                 lease=lease.lease,
             )
 
-    async def _beats_within(self, seen: Control, lease: float) -> bool:
-        """Watch the lock for ``lease`` seconds: whether its holder beat (or it changed hands)."""
+    async def _watched(self, seen: Control, lease: float) -> Control:
+        """Watch the lock for up to ``lease`` seconds; the first reading that differs from
+        ``seen`` (its holder beat, or the lock changed hands), else the last one."""
         log.info(
             "watching the heartbeat of %s for up to %g s (its lease) before acting on its lock; "
             "--force skips this",
@@ -347,16 +351,14 @@ class ControlLock:
             lease,
         )
         ends = time.monotonic() + lease
+        now = seen
         while time.monotonic() < ends:
             await anyio.sleep(min(0.25, lease / 4))
             now = await self.read()
-            if (now.token, now.acquisition, now.beats) != (
-                seen.token,
-                seen.acquisition,
-                seen.beats,
-            ):
-                return True
-        return False
+            state = (now.locked, now.token, now.acquisition, now.beats)
+            if state != (seen.locked, seen.token, seen.acquisition, seen.beats):
+                break
+        return now
 
     # -- the writes behind them ----------------------------------------------------------------
 
@@ -479,10 +481,11 @@ class HeldLock:
 
     async def reached(self, version: int) -> bool:
         """Whether this acquisition's lock shows ``version`` reached with nothing running:
-        how a transaction whose commit went unanswered is found to have been applied."""
-        done = {**self._fence(), "version": version, "running": None}
-        found = await self.write(lambda: self._lock.collection.find_one(done, {"_id": 1}))
-        return found is not None
+        how a transaction whose commit went unanswered is found to have been applied. Asked
+        with a fenced beat, not a read: a write sees the primary's latest state (it waits
+        behind a commit still in flight), where a majority read might not yet."""
+        doc = await self.write(lambda: self._fenced(_BEAT))
+        return doc is not None and doc.get("version") == version and doc.get("running") is None
 
     async def release(self) -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing. A
@@ -611,7 +614,7 @@ class HeldLock:
         it, which is no earlier than when it was sent: so does this holder."""
         self._last_contact = max(self._last_contact, sent)
 
-    async def _bookkeeping(self, write: Callable[[], Awaitable[None]], session: Any) -> None:
+    async def _bookkeeping(self, write: Callable[[], Awaitable[Any]], session: Any) -> None:
         """Inside a transaction a write joins it: no shield and no retry of its own (the
         transaction commits or aborts as a whole); elsewhere it is a guarded :meth:`write`."""
         if session is None:
@@ -637,7 +640,9 @@ class HeldLock:
 
     async def _fenced(
         self, update: dict[str, Any], session: Any = None, *, done_if: dict[str, Any] | None = None
-    ) -> None:
+    ) -> dict[str, Any] | None:
+        """The control document after ``update``, applied only while the lock is this
+        acquisition's; ``None`` when ``done_if`` shows an earlier try already did it."""
         collection = self._lock.collection
         sent = time.monotonic()
         doc = await collection.find_one_and_update(
@@ -646,9 +651,9 @@ class HeldLock:
         if doc is not None:
             if session is None and "beats" in update.get("$inc", {}):
                 self._beaten(sent)
-            return
+            return dict(doc)
         if done_if is not None and await collection.find_one(done_if, {"_id": 1}) is not None:
-            return  # an earlier try went through; only its reply was lost
+            return None  # an earlier try went through; only its reply was lost
         self.lost = True
         raise self.lost_error("when its next write found the lock gone")
 

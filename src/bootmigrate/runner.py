@@ -148,24 +148,26 @@ async def migrate_with(
         owner=Owner.this_process(settings.build, settings.lease),
         waiting=settings.waiting,
     )
+    # One deadline for the whole call, the drift check included.
+    deadline = Deadline.after(settings.wait_timeout)
     if settings.validate:
-        await _refuse_drift(lock, known, settings.wait_timeout)
-    report = await Runner(db, known, settings, lock, rerun_once=not explicit_rerun).run()
+        await _refuse_drift(lock, known, deadline)
+    report = await Runner(db, known, settings, lock, rerun_once=not explicit_rerun).run(deadline)
     if request is not None and request.exit:
         report = replace(report, exit_requested=True)
     return report
 
 
-async def _refuse_drift(lock: ControlLock, known: list[Migration], wait_timeout: float) -> None:
+async def _refuse_drift(lock: ControlLock, known: list[Migration], deadline: Deadline) -> None:
     operation = "compare the applied migrations with their history (validate=True)"
     try:
-        with anyio.fail_after(wait_timeout), sorted_errors(operation):
+        with deadline.bound(), sorted_errors(operation):
             version = (await lock.read()).version
             drift = await find_drift(lock.history.collection, known, version)
     except (TryAgain, TimeoutError) as exc:
         raise DatabaseUnavailable(
             address=address_of(lock.db),
-            seconds=wait_timeout,
+            seconds=deadline.seconds,
             cause=f"{operation}: {exc}",
             holding=False,
         ) from exc
@@ -276,9 +278,10 @@ class Runner:
         self._tried: Control | None = None  # the document of the last write that missed
         self._unmatched: _Unmatched | None = None
 
-    async def run(self) -> MigrationReport:
-        """Until there is nothing to do (a report) or the lock is ours (then apply)."""
-        deadline = Deadline.after(self.settings.wait_timeout)
+    async def run(self, deadline: Deadline | None = None) -> MigrationReport:
+        """Until there is nothing to do (a report) or the lock is ours (then apply), within
+        ``deadline`` (default: ``wait_timeout`` from now)."""
+        deadline = deadline or Deadline.after(self.settings.wait_timeout)
         waiter = Waiter(
             self.settings.waiting,
             deadline,
@@ -427,15 +430,12 @@ class Runner:
         adopted = self.lock.adopt(control)
         if adopted is not None:
             return adopted
-        taken = await self.lock.take_over(control, self.by_version, deadline, plan)
-        if taken is not None:
-            # Asked only now that the lock is ours (a waiter must not pay it on every look).
-            try:
-                await self._check_server(plan, deadline)
-            except BaseException:
-                await taken.release()  # refused here: the next boot decides afresh
-                raise
-        return taken
+        if self.lock.observed(control, assumed=self.lock.owner.lease).expired:
+            # Asked once the holder looks dead, before the takeover, as before an acquire: a
+            # waiter does not pay it on every look, and a new holder does not spend its lease
+            # on it with no heartbeat running.
+            await self._check_server(plan, deadline)
+        return await self.lock.take_over(control, self.by_version, deadline, plan)
 
     async def _read(self, deadline: Deadline) -> Control:
         # Reads are bounded by the deadline; the driver's own server selection may be longer.
