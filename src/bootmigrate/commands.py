@@ -303,7 +303,10 @@ def _on_expiry(control: Control, lease: Lease, known: Mapping[int, Migration] | 
         return None
     unfinished = control.unfinished_step
     if unfinished is None:
-        return "the next boot takes it over"
+        return (
+            "the next boot with migrations to run takes it over once it has watched it silent "
+            "for the lease (up-to-date boots leave it alone); `bootmigrate unlock` frees it now"
+        )
     version = unfinished.get("version") or 0
     migration = (known or {}).get(version)
     label = step_label(unfinished)

@@ -116,15 +116,22 @@ class ControlLock:
             self._sighting = (state, now)
         return Lease(now - self._sighting[1], lease)
 
+    def presumed_dead(self, seen: Control) -> Lease | None:
+        """The lease of a holder this process has watched silent for it, or ``None`` while it
+        may live. A lock with no heartbeat or owner (set by hand or by Rocket.Chat) records no
+        lease, and is never presumed dead."""
+        if seen.heartbeat is None or not seen.owner:
+            return None
+        lease = self.observed(seen, assumed=self.owner.lease)
+        return lease if lease.expired else None
+
     async def read(self) -> Control:
         """The control document, validated (one ``find_one``)."""
         return parse_control(
             await self.collection.find_one({"_id": CONTROL_ID}), self.collection_name
         )
 
-    async def lease_of(
-        self, control: Control, deadline: Deadline | None = None, *, assumed: float | None = None
-    ) -> Lease:
+    async def lease_of(self, control: Control, *, assumed: float | None = None) -> Lease:
         """The lease of a held lock as the server's clock shows it: the age of its last
         heartbeat by the clock of the server answering now. For people only (``status``):
         after a failover, or through a mongos, that is a second clock, so it never decides.
@@ -132,8 +139,7 @@ class ControlLock:
         lease = control.recorded_lease or assumed
         if not control.locked or control.heartbeat is None:
             return Lease(None, lease)
-        with deadline.bound() if deadline else anyio.CancelScope():
-            now = await server_time(self.db)
+        now = await server_time(self.db)
         if now is None:
             return Lease(None, lease)  # a server that does not tell its time
         return Lease((now - control.heartbeat).total_seconds(), lease)
@@ -184,10 +190,8 @@ class ControlLock:
         is taken over only by a plan that starts with that step, in its direction; any other
         plan is refused (``ControlLocked``, reason ``"unfinished"``) and the lock left as it is.
         """
-        if seen.heartbeat is None or not seen.owner:
-            raise LockBusy(seen)  # a lock with no lease is never presumed dead
-        lease = self.observed(seen, assumed=self.owner.lease)
-        if not lease.expired:
+        lease = self.presumed_dead(seen)
+        if lease is None:
             raise LockBusy(seen)
         running = seen.running
         unfinished = seen.unfinished_step  # None once an operator recorded the version
@@ -210,7 +214,9 @@ class ControlLock:
             seen.describe_owner(),
             lease.silent_for,
             lease.lease,
-            f"; re-running idempotent migration {running['version']}" if running else "",
+            f"; re-running migration {running['version']}, which is safe to repeat"
+            if running
+            else "",
         )
         with anyio.CancelScope(shield=True), deadline.bound():
             held = await self._swap(_unbeaten(seen), {})

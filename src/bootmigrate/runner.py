@@ -430,7 +430,7 @@ class Runner:
         adopted = self.lock.adopt(control)
         if adopted is not None:
             return adopted
-        if self.lock.observed(control, assumed=self.lock.owner.lease).expired:
+        if self.lock.presumed_dead(control) is not None:
             # Asked once the holder looks dead, before the takeover, as before an acquire: a
             # waiter does not pay it on every look, and a new holder does not spend its lease
             # on it with no heartbeat running.
