@@ -236,4 +236,4 @@ async def test_log_records_carry_structured_fields(db: Any, bootmigrate_log: Any
     assert all(r.duration_s >= 0 and r.direction == "up" for r in applied)
     assert [r.db_version for r in events("migrations_done")] == [2]
     assert [r.db_version for r in events("up_to_date")] == [2]
-    assert events("lock_taken")[0].target_version == 2
+    assert events("acquired")[0].target_version == 2

@@ -120,7 +120,7 @@ async def test_dead_holder_between_migrations_is_taken_over_and_the_job_finished
     assert (report.holder, report.applied) == (True, [2, 3])
     doc = await control(db)
     assert doc is not None and (doc["locked"], doc["version"], doc["token"]) == (False, 3, 8)
-    assert bootmigrate_log.has("taking over the migration lock from deadhost (pid 4242")
+    assert bootmigrate_log.has("took over the migration lock from deadhost (pid 4242")
 
 
 async def test_dead_holder_inside_an_idempotent_migration_has_it_rerun(db: Any) -> None:

@@ -24,10 +24,12 @@ from .context import MigrationContext
 from .control import Owner, failure_record, utc_now
 from .drivers import TRANSIENT_TRANSACTION_ERROR, CommitOutcomeUnknown, transaction
 from .errors import DatabaseUnavailable, LockLost, MigrationFailed
+from .events import StepFields
 from .history import Entry, Outcome, error_fields
 from .lock import HeldLock
+from .logs import MigrationLogger
 from .plan import Plan, Step
-from .report import MigrationReport, log_fields
+from .report import MigrationReport
 
 log = logging.getLogger("bootmigrate")
 
@@ -102,26 +104,13 @@ class Applier:
         self.held = held
         self.owner = owner
         self.migration_timeout = migration_timeout
+        self.events = held.events
 
     async def apply(self, plan: Plan, waited: float) -> MigrationReport:
         """Run ``plan`` with the heartbeat going all along; release at the end."""
         held = self.held
         state = _Progress(version=held.control.version)
         error: Exception | None = None
-        log.info(
-            "took the migration lock (token %d): %d migration(s) to run, version %d -> %d",
-            held.token,
-            len(plan.steps),
-            plan.from_version,
-            plan.to_version,
-            extra=log_fields(
-                "lock_taken",
-                token=held.token,
-                db_version=plan.from_version,
-                target_version=plan.to_version,
-                waited_s=waited,
-            ),
-        )
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(held.keep_alive, tasks.cancel_scope.cancel)
             try:
@@ -135,15 +124,13 @@ class Applier:
             raise held.lost_error("while running migrations") from error
         if error is not None:
             raise error
-        log.info(
+        self.events.emit(
+            "migrations_done",
             "migrations done: database at version %d",
             state.version,
-            extra=log_fields(
-                "migrations_done",
-                db_version=state.version,
-                applied=state.applied,
-                reverted=state.reverted,
-            ),
+            db_version=state.version,
+            applied=tuple(state.applied),
+            reverted=tuple(state.reverted),
         )
         return MigrationReport(
             from_version=plan.from_version,
@@ -163,16 +150,21 @@ class Applier:
             await self.held.release()
         except anyio.get_cancelled_exc_class():
             if not self.held.lost and not state.inside:
-                log.warning(
-                    "cancelled between migrations: releasing the lock at version %d", state.version
-                )
-                await self.held.release()
+                await self.held.release("cancelled")
             raise
 
     async def _run_step(self, step: Step, state: _Progress) -> None:
         migration = step.migration
         run = StepRun.begin(step)
-        log.debug("running migration %s (%s)", migration.label(), step.direction)
+        self.events.emit(
+            "migration_started",
+            "running migration %s (%s)",
+            migration.label(),
+            step.direction,
+            level=logging.DEBUG,
+            **_identity(step),
+            db_version=step.version_before,
+        )
         state.inside = True  # stays set if the step is cancelled: it is then handled here
         try:
             if migration.transactional:
@@ -203,18 +195,15 @@ class Applier:
             await self.held.advance(step.version_after)
             await self.held.record(run.entry("applied", self.held.token, checksum=step.checksum))
         state.done(step)
-        log.info(
+        self.events.emit(
+            "migration_applied",
             "applied migration %s (%s) in %.3f s",
             migration.label(),
             step.direction,
             duration,
-            extra=log_fields(
-                "migration_applied",
-                migration_version=migration.version,
-                migration_name=migration.name,
-                direction=step.direction,
-                duration_s=duration,
-            ),
+            **_identity(step),
+            duration_s=duration,
+            db_version=step.version_after,
         )
 
     async def _run_in_transaction(self, run: StepRun) -> None:
@@ -229,12 +218,8 @@ class Applier:
             retry=retry_if_exception(_worth_another_transaction),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             stop=stop_after_delay(TRANSACTION_RETRY_SECONDS),
-            before_sleep=lambda state: log.warning(
-                "migration %s: transaction attempt %d hit a transient error (%s); running the "
-                "transaction again",
-                step.migration.label(),
-                state.attempt_number,
-                state.outcome.exception() if state.outcome else None,
+            before_sleep=lambda state: self._transaction_retried(
+                step, state.attempt_number, state.outcome.exception() if state.outcome else None
             ),
             reraise=True,
         )
@@ -247,11 +232,28 @@ class Applier:
                     # (then the transaction is run again, as after a transient error).
                     if not await self.held.reached(step.version_after):
                         raise
-                    log.warning(
+                    self.events.emit(
+                        "commit_confirmed",
                         "migration %s: the commit went unanswered, but the control document "
                         "shows it applied",
                         step.migration.label(),
+                        level=logging.WARNING,
+                        **_identity(step),
                     )
+
+    def _transaction_retried(self, step: Step, attempt: int, exc: BaseException | None) -> None:
+        self.events.emit(
+            "transaction_retried",
+            "migration %s: transaction attempt %d hit a transient error (%s); running the "
+            "transaction again",
+            step.migration.label(),
+            attempt,
+            exc,
+            level=logging.WARNING,
+            **_identity(step),
+            attempt=attempt,
+            error=str(exc),
+        )
 
     async def _transaction_attempt(self, run: StepRun) -> None:
         step = run.step
@@ -298,7 +300,7 @@ class Applier:
             version=migration.version,
             name=migration.name,
             direction=step.direction,
-            log=logging.LoggerAdapter(log, {"migration": migration.version}),
+            log=MigrationLogger(log, {"migration": migration.version}),
             session=session,
             # Inside a transaction a progress write would conflict with the transaction's own
             # write to the control document: progress is then not recorded.
@@ -311,33 +313,48 @@ class Applier:
         failure = failure_record(
             "failed", run.step.unfinished(), self.owner.as_document(), **error_fields(exc)
         )
-        log.error(
+        self.events.emit(
+            "migration_failed",
             "migration %s failed: %s; leaving the lock stuck",
             migration.label(),
             failure["error"],
-            extra=log_fields(
-                "migration_failed",
-                migration_version=migration.version,
-                migration_name=migration.name,
-                error=failure["error"],
-            ),
+            level=logging.ERROR,
+            **_identity(run.step),
+            duration_s=run.duration(),
+            error=failure["error"],
+            error_type=type(exc).__name__,
+            db_version=run.step.version_before,
+            stuck=True,
         )
         await self.held.stick(failure)
         await self.held.record(run.entry("failed", self.held.token, error=exc))
 
     async def _record_interruption(self, run: StepRun) -> None:
         migration = run.step.migration
+        duration, before = run.duration(), run.step.version_before
         if migration.safe_to_repeat(run.step.direction):
-            log.warning(
+            self.events.emit(
+                "interrupted",
                 "cancelled inside migration %s, which is safe to run again: releasing the "
                 "lock; the next boot re-runs it",
                 migration.label(),
+                level=logging.WARNING,
+                **_identity(run.step),
+                duration_s=duration,
+                db_version=before,
+                stuck=False,
             )
-            await self.held.release()
+            await self.held.release("interrupted")
         else:
-            log.error(
+            self.events.emit(
+                "interrupted",
                 "cancelled inside migration %s: leaving the lock stuck as interrupted",
                 migration.label(),
+                level=logging.ERROR,
+                **_identity(run.step),
+                duration_s=duration,
+                db_version=before,
+                stuck=True,
             )
             failure = failure_record(
                 "interrupted",
@@ -349,3 +366,12 @@ class Applier:
         await self.held.record(
             run.entry("interrupted", self.held.token, note="cancelled while running")
         )
+
+
+def _identity(step: Step) -> StepFields:
+    """The fields that name a step in its events."""
+    return {
+        "migration_version": step.migration.version,
+        "migration_name": step.migration.name,
+        "direction": step.direction,
+    }

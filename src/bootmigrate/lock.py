@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 from pymongo import ReturnDocument
@@ -46,6 +46,7 @@ from .control import (
 from .driver_errors import is_transient
 from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
+from .events import Emitter
 from .history import Entry, History
 from .migrations import Migration
 from .plan import Plan
@@ -94,9 +95,18 @@ class ControlLock:
     """The lock on one control document, as used by one process (``owner``)."""
 
     def __init__(
-        self, db: Any, *, collection: str, history: str, owner: Owner, waiting: WaitPolicy
+        self,
+        db: Any,
+        *,
+        collection: str,
+        history: str,
+        owner: Owner,
+        waiting: WaitPolicy,
+        events: Emitter | None = None,
     ) -> None:
         self.db = db
+        # Where this lock's events go: a migrate() call's, or log records only.
+        self.events = events or Emitter(owner.id)
         self.collection = pinned_collection(db, collection, owner.lease)
         self.collection_name = collection
         self.owner = owner
@@ -209,18 +219,28 @@ class ControlLock:
                 collection=self.collection_name,
                 action=plan.describe() if plan is not None and plan.steps else "take it over",
             )
-        log.warning(
-            "taking over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s)%s",
+        with anyio.CancelScope(shield=True), deadline.bound():
+            held = await self._swap(_unbeaten(seen), {})
+        if held is None:
+            return None
+        self.events.emit(
+            "took_over",
+            "took over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s)%s",
             seen.describe_owner(),
             lease.silent_for,
             lease.lease,
             f"; re-running migration {running['version']}, which is safe to repeat"
             if running
             else "",
+            level=logging.WARNING,
+            holder=seen.owner,
+            running=running,
+            silent_s=lease.silent_for,
+            lease_s=lease.lease,
+            token=held.token,
+            db_version=held.version,
         )
-        with anyio.CancelScope(shield=True), deadline.bound():
-            held = await self._swap(_unbeaten(seen), {})
-        return HeldLock(self, held) if held is not None else None
+        return HeldLock(self, held)
 
     async def retry_failed(self, seen: Control, deadline: Deadline) -> HeldLock | None:
         """Take a lock stuck by a failure, only if it is still exactly as ``seen``; recorded in
@@ -350,11 +370,15 @@ class ControlLock:
     async def _watched(self, seen: Control, lease: float) -> Control:
         """Watch the lock for up to ``lease`` seconds; the first reading that differs from
         ``seen`` (its holder beat, or the lock changed hands), else the last one."""
-        log.info(
+        self.events.emit(
+            "watching_holder",
             "watching the heartbeat of %s for up to %g s (its lease) before acting on its lock; "
             "--force skips this",
             seen.describe_owner(),
             lease,
+            holder=seen.owner,
+            lease_s=lease,
+            db_version=seen.version,
         )
         ends = time.monotonic() + lease
         now = seen
@@ -416,6 +440,23 @@ class ControlLock:
                 },
             )
             if result.modified_count:
+                self.events.emit(
+                    "marked_interrupted",
+                    "%s; marked the lock interrupted: migration %s is not safe to repeat, so it "
+                    "stays stuck for an operator",
+                    error,
+                    running.get("version"),
+                    level=logging.ERROR,
+                    holder=seen.owner,
+                    running=running,
+                    migration_version=running.get("version"),
+                    migration_name=running.get("name"),
+                    direction=running.get("direction") or "up",
+                    silent_s=lease.silent_for,
+                    lease_s=lease.lease,
+                    db_version=seen.version,
+                    stuck=True,
+                )
                 await self.history.record(_interruption(running, seen, error))
 
 
@@ -435,6 +476,7 @@ class HeldLock:
 
     def __init__(self, lock: ControlLock, control: Control) -> None:
         self._lock = lock
+        self.events = lock.events
         self.control = control
         self.token = control.token
         self.acquisition = control.acquisition
@@ -493,19 +535,32 @@ class HeldLock:
         doc = await self.write(lambda: self._fenced(_BEAT))
         return doc is not None and doc.get("version") == version and doc.get("running") is None
 
-    async def release(self) -> None:
+    async def release(self, reason: ReleaseReason = "done") -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing. A
         re-sent release that finds the lock already released by its first try (whose reply
-        was lost) or since acquired by another process is done, not lost."""
+        was lost) or since acquired by another process is done, not lost. ``reason`` says
+        why, in the ``released`` event."""
         sent = False
 
-        async def release_once() -> None:
+        async def release_once() -> dict[str, Any] | None:
             nonlocal sent
             done_if = self._released_since() if sent else None
             sent = True
-            await self._fenced(_RELEASED, done_if=done_if)
+            return await self._fenced(_RELEASED, done_if=done_if)
 
-        await self.write(release_once)
+        doc = await self.write(release_once)
+        version = doc.get("version") if doc is not None else None
+        template, level = _RELEASE_LINES[reason]
+        self.events.emit(
+            "released",
+            template,
+            "?" if version is None else version,
+            self.token,
+            level=level,
+            token=self.token,
+            reason=reason,
+            db_version=version,
+        )
 
     async def stick(self, failure: dict[str, Any]) -> None:
         """Leave the lock held on purpose with the failure recorded, for an operator."""
@@ -546,15 +601,23 @@ class HeldLock:
                 except LockLost:
                     ours = False
                 except Exception as exc:  # keep beating; the lease decides when to give up
-                    log.warning("heartbeat failed: %s", exc)
+                    self.events.emit(
+                        "heartbeat_failed",
+                        "heartbeat failed: %s",
+                        exc,
+                        level=logging.WARNING,
+                        token=self.token,
+                        error=str(exc),
+                        error_type=type(exc).__name__,
+                    )
             if ours:
                 continue
             if ours is False or time.monotonic() - self._last_contact >= lease:
-                log.error(
-                    "lost the migration lock (token %d); stopping without further writes",
-                    self.token,
+                self._lose(
+                    "a heartbeat found it gone"
+                    if ours is False
+                    else f"no heartbeat got through for a whole lease ({lease:g} s)"
                 )
-                self.lost = True
                 stop()
                 return
 
@@ -566,7 +629,7 @@ class HeldLock:
         async with self._serial:
             ours = await self.write(self._beat)  # transient errors retried within the lease
             if not ours:
-                self.lost = True
+                self._lose("the beat before a transaction found it gone")
                 raise self.lost_error("before a transaction")
             yield
         self._last_contact = time.monotonic()  # committed: its fenced write beat for us
@@ -602,7 +665,7 @@ class HeldLock:
             except Exception as exc:
                 if not worth_retrying(exc):
                     raise
-                self.lost = True
+                self._lose(f"no server answered its write for a whole lease ({lease:g} s)")
                 raise DatabaseUnavailable(
                     address=address_of(self._lock.db), seconds=lease, cause=str(exc), holding=True
                 ) from exc
@@ -628,6 +691,22 @@ class HeldLock:
         else:
             self._refuse_if_lost()
             await write()
+
+    def _lose(self, how: str) -> None:
+        """Mark the lock lost, from where the loss was found; the event fires once."""
+        if self.lost:
+            return
+        self.lost = True
+        self.events.emit(
+            "lock_lost",
+            "lost the migration lock (token %d): %s; stopping without further writes",
+            self.token,
+            how,
+            level=logging.ERROR,
+            token=self.token,
+            reason=how,
+            lease_s=self._lock.owner.lease,
+        )
 
     def _refuse_if_lost(self) -> None:
         if self.lost:
@@ -660,7 +739,7 @@ class HeldLock:
             return dict(doc)
         if done_if is not None and await collection.find_one(done_if, {"_id": 1}) is not None:
             return None  # an earlier try went through; only its reply was lost
-        self.lost = True
+        self._lose("its next write found the lock gone")
         raise self.lost_error("when its next write found the lock gone")
 
 
@@ -700,6 +779,31 @@ def _interruption(running: dict[str, Any], seen: Control, note: str) -> Entry:
         note=note,
     )
 
+
+ReleaseReason = Literal["done", "cancelled", "interrupted", "rerun_already_done", "error"]
+
+# The `released` event's line and level, by why the lock was released: the end of a run is
+# said by `migrations_done`, so its release is a DEBUG line; a cancellation is worth a warning.
+_RELEASE_LINES: dict[ReleaseReason, tuple[str, int]] = {
+    "done": ("released the migration lock at version %s (token %d)", logging.DEBUG),
+    "cancelled": (
+        "cancelled between migrations: released the lock at version %s (token %d)",
+        logging.WARNING,
+    ),
+    "interrupted": (
+        "released the lock at version %s (token %d) for the migration to be run again",
+        logging.WARNING,
+    ),
+    "rerun_already_done": (
+        "released the migration lock at version %s (token %d) untouched: the rerun was "
+        "already done",
+        logging.INFO,
+    ),
+    "error": (
+        "released the migration lock at version %s (token %d) unused, after an error",
+        logging.WARNING,
+    ),
+}
 
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
 # `unfinished` stays too: a step that did not complete is still unfinished after a release.

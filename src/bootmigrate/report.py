@@ -1,9 +1,8 @@
-"""What a ``migrate()`` call tells its caller and its log."""
+"""What a ``migrate()`` call tells its caller (its log lines are ``events.py``'s)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,3 @@ class MigrationReport:
     ahead: bool = False
     exit_requested: bool = False
 
-
-def log_fields(event: str, **fields: Any) -> dict[str, Any]:
-    """Structured attributes for a log record: ``event`` names it for log shippers."""
-    return {"event": event, **fields}

@@ -7,11 +7,11 @@ fail fast); how the lock does each of those is ``lock.py``'s, and how waiting pa
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from logging import DEBUG, ERROR, WARNING
 from typing import Any, Literal, NoReturn
 
 import anyio
@@ -30,17 +30,17 @@ from .errors import (
     DatabaseUnavailable,
     InvalidMigrations,
     InvalidTarget,
+    MigrationFailed,
     ahead_text,
 )
+from .events import Emitter, Hook
 from .lock import ControlLock, HeldLock, LockBusy
 from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
 from .plan import Plan, Target, latest_version, plan_for, resolve_target
-from .report import MigrationReport, log_fields
+from .report import MigrationReport
 from .servers import Server, detect_server, prepare_transactions, refuse_unsafe_lock
 from .settings import Settings
 from .waiting import Deadline, Waiter
-
-log = logging.getLogger("bootmigrate")
 
 
 async def migrate(
@@ -62,6 +62,7 @@ async def migrate(
     migration_timeout: float | None = None,
     validate: bool = False,
     retry_failed_on_new_build: bool = False,
+    on_event: Hook | Sequence[Hook] | None = None,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
 
@@ -90,7 +91,9 @@ async def migrate(
     first refuses (``InvalidMigrations``, nothing written) if an applied migration's code
     changed or disappeared since it ran. ``retry_failed_on_new_build=True`` lets a build
     other than the one a migration failed on take the stuck lock and retry it (never an
-    interrupted one, never a live lock).
+    interrupted one, never a live lock). ``on_event``: a callable taking each
+    :class:`~bootmigrate.events.Event` of this call (or a sequence of them), called
+    synchronously; one that raises is logged and ignored (docs/events.md lists the events).
 
     When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
     is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
@@ -113,6 +116,7 @@ async def migrate(
         migration_timeout=migration_timeout,
         validate=validate,
         retry_failed_on_new_build=retry_failed_on_new_build,
+        on_event=on_event,
     )
     return await migrate_with(db, migrations, settings)
 
@@ -126,7 +130,74 @@ async def migrate_with(
     A rerun asked for at boot (``rerun=N`` or ``MIGRATION_VERSION=N,rerun``) runs once per
     build: a replica that finds it already done by this build does nothing.
     ``explicit_rerun=True`` is an operator's own command (``bootmigrate rerun N``): it always
-    runs."""
+    runs.
+
+    The call's first event is ``started`` and its last ``done``, ``failed`` or
+    ``cancelled``, whatever happens in between."""
+    owner = Owner.this_process(settings.build, settings.lease)
+    events = Emitter(owner.id, settings.hooks)
+    began = time.monotonic()
+    events.emit(
+        "started", "migrate() started (build %s)", owner.build, level=DEBUG, build=owner.build
+    )
+    try:
+        report = await _call(db, migrations, settings, owner, events, explicit_rerun)
+    except Exception as exc:
+        reason = getattr(exc, "reason", None)
+        events.emit(
+            "failed",
+            "migrate() failed: %s: %s",
+            type(exc).__name__,
+            exc,
+            level=ERROR,
+            error=str(exc),
+            error_type=type(exc).__name__,
+            reason=reason if isinstance(reason, str) else None,
+            stuck=events.left_stuck
+            or isinstance(exc, MigrationFailed)
+            or reason in ("stuck", "interrupted"),
+            waited_s=events.waited(),
+            duration_s=time.monotonic() - began,
+        )
+        raise
+    except BaseException:
+        events.emit(
+            "cancelled",
+            "migrate() cancelled after %.1f s",
+            time.monotonic() - began,
+            level=WARNING,
+            stuck=events.left_stuck,
+            waited_s=events.waited(),
+            duration_s=time.monotonic() - began,
+        )
+        raise
+    events.emit(
+        "done",
+        "migrate() done: version %d -> %d in %.3f s",
+        report.from_version,
+        report.to_version,
+        time.monotonic() - began,
+        level=DEBUG,
+        from_version=report.from_version,
+        db_version=report.to_version,
+        applied=tuple(report.applied),
+        reverted=tuple(report.reverted),
+        held=report.holder,
+        waited_s=report.waited,
+        duration_s=time.monotonic() - began,
+    )
+    return report
+
+
+async def _call(
+    db: Any,
+    migrations: MigrationSource,
+    settings: Settings,
+    owner: Owner,
+    events: Emitter,
+    explicit_rerun: bool,
+) -> MigrationReport:
+    """The body of :func:`migrate_with`, between its first and last events."""
     detect_driver(db)
     raw_request = os.environ.get(ENV_VAR)
     request = None
@@ -145,8 +216,9 @@ async def migrate_with(
         db,
         collection=settings.collection,
         history=settings.history_name,
-        owner=Owner.this_process(settings.build, settings.lease),
+        owner=owner,
         waiting=settings.waiting,
+        events=events,
     )
     # One deadline for the whole call, the drift check included.
     deadline = Deadline.after(settings.wait_timeout)
@@ -277,6 +349,7 @@ class Runner:
         self._pacer = LookPacer()
         self._tried: Control | None = None  # the document of the last write that missed
         self._unmatched: _Unmatched | None = None
+        self.events = lock.events
 
     async def run(self, deadline: Deadline | None = None) -> MigrationReport:
         """Until there is nothing to do (a report) or the lock is ours (then apply), within
@@ -337,9 +410,11 @@ class Runner:
             with sorted_errors("create the control document (fresh='skip')"):
                 created = await self.lock.skip_fresh(plan.to_version, deadline)
             if created:
-                log.info(
+                self.events.emit(
+                    "fresh_skipped",
                     "fresh database: set to version %d without running migrations",
                     plan.to_version,
+                    db_version=plan.to_version,
                 )
                 return MigrationReport(from_version=0, to_version=plan.to_version)
         else:
@@ -351,19 +426,35 @@ class Runner:
             with sorted_errors("take the migration lock"):
                 held = await self._take(control, plan, deadline)
             if held is not None:
+                self._acquired(held, plan)
                 # Again under the lock: another replica may have run it since the look above.
                 try:
                     with sorted_errors("read the history for the requested rerun"):
                         done = await self._rerun_done(deadline) if self.rerun_once else None
                 except BaseException:
-                    await held.release()  # never leave a lock taken and unused
+                    await held.release("error")  # never leave a lock taken and unused
                     raise
                 if done is not None:
-                    await held.release()
+                    await held.release("rerun_already_done")
                     return replace(done, holder=True)
                 return _Held(held, self._plan(held.control))
         self._tried = control
         raise _Missed(control)
+
+    def _acquired(self, held: HeldLock, plan: Plan) -> None:
+        self.events.emit(
+            "acquired",
+            "took the migration lock (token %d): %d migration(s) to run, version %d -> %d",
+            held.token,
+            len(plan.steps),
+            plan.from_version,
+            plan.to_version,
+            token=held.token,
+            db_version=plan.from_version,
+            target_version=plan.to_version,
+            waited_s=self._waited(),
+            holder=self.lock.owner.as_document(),
+        )
 
     def _check_writable(self, control: Control) -> None:
         """After a write that matched nothing, the next reading tells why: another process
@@ -461,23 +552,30 @@ class Runner:
             latest = latest_version(self.known)
             if self.settings.on_ahead == "error":
                 raise DatabaseAhead(db_version=control.version, latest=latest, wanted=None)
-            log.warning(
-                f"the database is at version {control.version}, {ahead_text(latest)} "
-                "Booting anyway (on_ahead='warn').",
-                extra=log_fields("database_ahead", db_version=control.version),
+            self.events.emit(
+                "database_ahead",
+                "the database is at version %d, %s Booting anyway (on_ahead='warn').",
+                control.version,
+                ahead_text(latest),
+                level=WARNING,
+                db_version=control.version,
+                target_version=latest,
             )
         if self._busy_since is not None:
-            log.info(
+            self.events.emit(
+                "wait_done",
                 "database reached version %d after waiting %.1f s; done",
                 control.version,
                 self._waited(),
-                extra=log_fields("wait_done", db_version=control.version, waited_s=self._waited()),
+                db_version=control.version,
+                waited_s=self._waited(),
             )
         else:
-            log.info(
+            self.events.emit(
+                "up_to_date",
                 "database at version %d: nothing to migrate",
                 control.version,
-                extra=log_fields("up_to_date", db_version=control.version),
+                db_version=control.version,
             )
         first = self._first_seen or control
         return MigrationReport(
@@ -494,7 +592,7 @@ class Runner:
         wanted = [s.migration.label() for s in plan.steps if s.migration.transactional]
         with deadline.bound():
             if self._server is None:
-                self._server = await detect_server(self.db)
+                self._server = await detect_server(self.db, self.events)
                 refuse_unsafe_lock(self._server)
             if wanted and not self._transactions_checked:
                 await prepare_transactions(
@@ -536,11 +634,15 @@ class Runner:
                 {"_id": 1},
             )
         if found is not None:
-            log.info(
+            self.events.emit(
+                "retry_declined",
                 "build %s already failed migration %s: not retrying it "
                 "(retry_failed_on_new_build is for a build that may fix it)",
                 self.lock.owner.build,
                 failure.get("version"),
+                build=self.lock.owner.build,
+                migration_version=failure.get("version"),
+                db_version=control.version,
             )
         return found is not None
 
@@ -555,7 +657,8 @@ class Runner:
             )
         if done is None:
             return None
-        log.info(
+        self.events.emit(
+            "rerun_already_done",
             "rerun of migration %s for build %s was already done by %s (pid %s) at %s: not "
             "running it again (`bootmigrate rerun %s` runs it once more)",
             version,
@@ -564,13 +667,10 @@ class Runner:
             done.get("pid"),
             done.get("finished_at"),
             version,
-            extra=log_fields(
-                "rerun_already_done",
-                migration_version=version,
-                build=build,
-                done_by=done.get("host"),
-                done_at=done.get("finished_at"),
-            ),
+            migration_version=version,
+            build=build,
+            done_by=done.get("host"),
+            done_at=done.get("finished_at"),
         )
         current = (self._last_seen or Control(exists=True)).version
         return MigrationReport(from_version=current, to_version=current, waited=self._waited())
@@ -579,13 +679,19 @@ class Runner:
         held = await self.lock.retry_failed(control, deadline)
         if held is not None:
             failure = control.failure or {}
-            log.warning(
+            self.events.emit(
+                "failed_retried",
                 "build %s retries migration %s, which failed on build %s "
                 "(retry_failed_on_new_build=True)",
                 self.lock.owner.build,
                 failure.get("version"),
                 failure.get("build"),
-                extra=log_fields("failed_retried", migration_version=failure.get("version")),
+                level=WARNING,
+                migration_version=failure.get("version"),
+                migration_name=failure.get("name"),
+                build=self.lock.owner.build,
+                error=failure.get("error"),
+                token=held.token,
             )
         return held
 
@@ -611,36 +717,48 @@ class Runner:
             if self._busy_since is None:
                 self._busy_since = time.monotonic()
                 c = exc.control
-                log.info(
+                self.events.emit(
+                    "waiting",
                     "waiting for %s, which holds the migration lock%s (database at version %d%s)",
                     c.describe_owner(),
                     f" since {c.locked_at:%H:%M:%S} UTC" if c.locked_at else "",
                     c.version,
                     f", running {c.running.get('version')}" if c.running else "",
-                    extra=log_fields(
-                        "waiting",
-                        holder=c.owner,
-                        locked_since=c.locked_at,
-                        db_version=c.version,
-                        running=c.running,
-                    ),
+                    holder=c.owner,
+                    locked_since=c.locked_at,
+                    db_version=c.version,
+                    running=c.running,
+                    token=c.token,
                 )
                 lease = c.recorded_lease
                 if lease is not None and lease >= self.settings.wait_timeout:
-                    log.warning(
+                    self.events.emit(
+                        "lease_too_long",
                         "the holder's lease (%g s) is not shorter than this replica's "
                         "wait_timeout (%g s): it cannot see the holder die before giving up; if "
                         "the holder is gone, raise wait_timeout or run `bootmigrate unlock`",
                         lease,
                         self.settings.wait_timeout,
+                        level=WARNING,
+                        holder=c.owner,
+                        lease_s=lease,
                     )
         elif isinstance(exc, _Missed):
-            log.debug("%s; looking again", exc)
+            self.events.emit(
+                "acquire_missed",
+                "%s; looking again",
+                exc,
+                level=DEBUG,
+                db_version=exc.tried.version,
+            )
         else:
-            log.warning(
+            self.events.emit(
+                "unreachable",
                 "MongoDB unreachable (%s); retrying until the wait_timeout",
                 exc,
-                extra=log_fields("unreachable", error=str(exc)),
+                level=WARNING,
+                error=str(exc),
+                error_type=type(exc).__name__,
             )
 
     def _waited(self) -> float:

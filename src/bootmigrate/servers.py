@@ -25,8 +25,8 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from .drivers import transaction
 from .errors import InvalidMigrations, MigrationError
+from .events import Emitter
 from .history import History, create_collection
-from .report import log_fields
 
 log = logging.getLogger("bootmigrate")
 
@@ -126,9 +126,10 @@ def parse_server(
     )
 
 
-async def detect_server(db: Any) -> Server:
+async def detect_server(db: Any, events: Emitter | None = None) -> Server:
     """Ask the server behind ``db`` what it is: ``hello`` and ``buildInfo`` (two round
-    trips), and the host names the client was given."""
+    trips), and the host names the client was given. What it found is an event of
+    ``events`` (default: a log record only)."""
     try:
         hello = await db.command("hello")
     except OperationFailure as exc:
@@ -140,21 +141,27 @@ async def detect_server(db: Any) -> Server:
     except OperationFailure:
         build_info = {}  # a server that hides it is judged by the rest
     server = parse_server(hello, build_info, _seed_hosts(db))
-    log.info(
+    events = events or Emitter.new()
+    events.emit(
+        "server_detected",
         "server: %s (%s, %s)",
         server.name,
         server.kind,
         server.topology,
-        extra=log_fields(
-            "server_detected",
-            server_kind=server.kind,
-            server_name=server.name,
-            server_version=server.version,
-            topology=server.topology,
-        ),
+        server_kind=server.kind,
+        server_name=server.name,
+        server_version=server.version,
+        topology=server.topology,
     )
     for warning in server_warnings(server):
-        log.warning(warning, extra=log_fields("server_warning", server_kind=server.kind))
+        events.emit(
+            "server_warning",
+            "%s",
+            warning,
+            level=logging.WARNING,
+            server_kind=server.kind,
+            server_name=server.name,
+        )
     return server
 
 

@@ -14,10 +14,12 @@ argument does.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from .errors import InvalidTarget
+from .events import Hook, as_hooks
 from .plan import Target
 from .waiting import WaitPolicy
 
@@ -47,6 +49,9 @@ class Settings:
     ``migration_timeout``: seconds each migration may run (a module's ``timeout`` wins).
     ``validate``: refuse to run if an applied migration's code changed.
     ``retry_failed_on_new_build``: a different build may retry a migration that failed.
+    ``on_event``: a callable taking each :class:`~bootmigrate.events.Event` of the call, or a
+    sequence of them (kept as a tuple); called synchronously, and one that raises is logged
+    and ignored.
     """
 
     target: Target = "latest"
@@ -66,6 +71,7 @@ class Settings:
     migration_timeout: float | None = None
     validate: bool = False
     retry_failed_on_new_build: bool = False
+    on_event: Hook | Sequence[Hook] | None = None
 
     def __post_init__(self) -> None:
         for name in ("wait_timeout", "lease", "max_poll_interval"):
@@ -89,11 +95,18 @@ class Settings:
             if not isinstance(getattr(self, name), bool):
                 # Not truthiness: validate="false" would otherwise mean True.
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        # A tuple, so that settings stay hashable and a list changed later changes nothing.
+        object.__setattr__(self, "on_event", as_hooks(self.on_event) or None)
 
     @property
     def history_name(self) -> str:
         """The history collection's name: given, or ``<collection>_history``."""
         return self.history_collection or f"{self.collection}_history"
+
+    @property
+    def hooks(self) -> tuple[Hook, ...]:
+        """The ``on_event`` hooks, as a tuple (empty without any)."""
+        return as_hooks(self.on_event)
 
     @property
     def waiting(self) -> WaitPolicy:
