@@ -39,6 +39,10 @@ class Worker:
         self.lines.append(event)
         return event
 
+    def events(self) -> list[dict[str, Any]]:
+        """The bootmigrate events it printed so far (with ``print_events``), in order."""
+        return [line for line in self.lines if line.get("event") == "bootmigrate"]
+
     def go(self) -> None:
         """Release the barrier, or resume a paused worker."""
         assert self.process.stdin is not None
@@ -80,6 +84,7 @@ class Replicas:
         env: dict[str, str] | None = None,
         pause_on: str | None = None,
         sigterm_on: str | None = None,
+        print_events: bool = False,
         **options: Any,
     ) -> Worker:
         """One replica booting in a process of its own, calling ``migrate(**options)``.
@@ -87,6 +92,7 @@ class Replicas:
         ``barrier``: it connects, reports ready, then waits for :meth:`Worker.go`.
         ``pause_on``/``sigterm_on``: it freezes at, or sends itself SIGTERM at, the first
         bootmigrate log line containing that text (see worker_main.py).
+        ``print_events``: it prints each bootmigrate event (``Worker.events``).
         """
         args = [
             sys.executable,
@@ -108,6 +114,8 @@ class Replicas:
             args += ["--pause-on", pause_on]
         if sigterm_on:
             args += ["--sigterm-on", sigterm_on]
+        if print_events:
+            args.append("--print-events")
         process = subprocess.Popen(
             args,
             stdin=subprocess.PIPE,

@@ -8,6 +8,8 @@ Prints JSON lines: ``{"event": "ready"}`` once connected, then (after "go" on st
 bootmigrate log line containing TEXT, after printing ``{"event": "paused"}``, until the test
 writes a line to its stdin (or kills it there). ``--sigterm-on TEXT`` sends this process
 SIGTERM at that line instead. SIGTERM cancels the ``migrate()`` call, as a service's shutdown would.
+``--print-events`` prints each bootmigrate event as it happens:
+``{"event": "bootmigrate", "name": ..., <its fields>}``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bootmigrate import MigrationError, migrate
+from bootmigrate.events import Event
 from tests.clients import make_client
 
 
 def emit(**event: object) -> None:
     print(json.dumps(event, default=str), flush=True)
+
+
+def print_event(event: Event) -> None:
+    emit(event="bootmigrate", name=event.name, call_id=event.call_id, **event.fields())
 
 
 class PauseAt(logging.Handler):
@@ -75,6 +82,7 @@ async def main() -> int:
     parser.add_argument("--barrier", action="store_true")
     parser.add_argument("--pause-on")
     parser.add_argument("--sigterm-on")
+    parser.add_argument("--print-events", action="store_true")
     args = parser.parse_args()
     logger = logging.getLogger("bootmigrate")
     logger.setLevel(logging.DEBUG)
@@ -91,7 +99,10 @@ async def main() -> int:
     with anyio.CancelScope() as scope:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, scope.cancel)
         try:
-            report = await migrate(db, args.migrations, **json.loads(args.options))
+            options = json.loads(args.options)
+            if args.print_events:
+                options["on_event"] = print_event
+            report = await migrate(db, args.migrations, **options)
         except MigrationError as exc:
             emit(event="result", ok=False, error=type(exc).__name__, message=str(exc))
             return 1

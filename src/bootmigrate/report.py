@@ -24,4 +24,3 @@ class MigrationReport:
     holder: bool = False
     ahead: bool = False
     exit_requested: bool = False
-
