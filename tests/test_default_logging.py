@@ -4,6 +4,7 @@ in the application's format, when the application configures logging itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.multiprocess
 APP = '''
 """An app that migrates in its lifespan, for the logging tests."""
 import logging.config
+import json
 import os
 from contextlib import asynccontextmanager
 
@@ -216,3 +218,51 @@ def test_logging_configured_by_the_app_takes_over_with_no_duplicate(run: Any, se
     assert sum("took the migration lock" in line for line in ours) == 1, text
     assert sum("applied migration" in line for line in ours) == 2, text
     assert sum("migrations done" in line for line in ours) == 1, text
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+MIGRATE = """
+import asyncio, os, sys
+from bootmigrate import migrate
+from tests.clients import close_client, make_client
+
+async def main():
+    client = make_client(os.environ["BM_DRIVER"], os.environ["BM_URI"])
+    try:
+        await migrate(client[os.environ["BM_DB"]], os.environ["BM_MIGRATIONS"])
+    finally:
+        await close_client(client)
+
+asyncio.run(main())
+"""
+
+
+def test_the_readme_json_formatter_writes_the_event_fields(
+    app_dir: Path, mongo_uri: str, driver: str, sync_db: Any
+) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    [snippet] = [b for b in blocks if "class JsonFormatter" in b]
+    env = {
+        **os.environ,
+        "BM_URI": mongo_uri,
+        "BM_DB": sync_db.name,
+        "BM_DRIVER": driver,
+        "BM_MIGRATIONS": str(app_dir / "migrations"),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+
+    done = subprocess.run(
+        [sys.executable, "-c", snippet + MIGRATE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    applied = [line for line in lines if line.get("event") == "migration_applied"]
+    assert [(a["migration_version"], a["direction"]) for a in applied] == [(1, "up"), (2, "up")]
+    assert all(a["level"] == "INFO" and a["duration_s"] >= 0 for a in applied)
+    assert len({line["call_id"] for line in lines if "event" in line}) == 1
