@@ -179,7 +179,8 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def containers(spec: dict[str, Any], *, init: bool = True) -> list[dict[str, Any]]:
-    return (spec.get("initContainers", []) if init else []) + spec["containers"]
+    main: list[dict[str, Any]] = spec["containers"]
+    return [*spec.get("initContainers", []), *main] if init else main
 
 
 def command_line(container: dict[str, Any]) -> list[str]:
