@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,13 +20,14 @@ from typing import Any, TypeVar
 
 import anyio
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
 from . import commands
 from .control import step_label
 from .drivers import address_of
-from .errors import MigrationError, finish_command
+from .errors import ControlLocked, MigrationError, NotMigrated, finish_command
 from .plan import Plan, Target
 from .report import MigrationReport
 from .runner import migrate_with
@@ -38,6 +40,9 @@ PENDING = 3
 LOCKED = 4
 STUCK = 5
 DRIFT = 6
+
+# `bootmigrate wait`'s default bound, as migrate()'s wait_timeout.
+WAIT_TIMEOUT = 300.0
 
 STATE_EXIT = {
     "up-to-date": OK,
@@ -273,6 +278,7 @@ def main() -> None:
 
     Exit codes: 0 success (status: up to date), 1 error, 2 usage, 3 pending migrations,
     4 locked by a running migration, 5 stuck after a failure, 6 applied migrations changed.
+    `wait` uses the same codes for what it found when it gave up.
     """
 
 
@@ -315,6 +321,47 @@ def up(session: Session, to: int | None, wait_timeout: float) -> None:
             "use `bootmigrate down --to` to go down"
         )
     _migrate(session, target="latest" if to is None else to, wait_timeout=wait_timeout)
+
+
+@main.command()
+@common
+def wait(session: Session) -> int:
+    """Wait until the database reaches this build's latest version, never taking the lock or
+    writing (app pods and init containers, when a Job or release hook runs `up`).
+
+    --timeout S bounds the whole wait, reaching the server included (default here: 300 s).
+    Exit 0 reached (or ahead), 3 still pending with nobody migrating, 4 still locked by a live
+    holder, 5 stuck after a failure or interruption (an operator must act), 1 other errors.
+    """
+    context = click.get_current_context()
+    if context.get_parameter_source("timeout") is ParameterSource.DEFAULT:
+        session.timeout = WAIT_TIMEOUT
+    started = time.monotonic()
+
+    async def wait_for(db: Any) -> MigrationReport:
+        left = max(session.timeout - (time.monotonic() - started), 0.1)
+        settings = _checked(session.settings, apply=False, wait_timeout=left)
+        return await migrate_with(db, session.migrations, settings)
+
+    try:
+        report = session.run(wait_for)
+    except NotMigrated as exc:
+        raise Failure(str(exc), PENDING) from exc
+    except ControlLocked as exc:
+        raise Failure(str(exc), STUCK if exc.reason == "stuck" else LOCKED) from exc
+    session.emit(
+        {
+            "from_version": report.from_version,
+            "to_version": report.to_version,
+            "waited_s": report.waited,
+            "ahead": report.ahead,
+        },
+        lambda: session.console.print(
+            f"the database is at version {report.to_version}"
+            + (f" (waited {report.waited:.1f} s)" if report.waited else "")
+        ),
+    )
+    return OK
 
 
 @main.command()
