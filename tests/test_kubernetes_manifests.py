@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import kubernetes_validate
 import pytest
 import yaml
 
-from bootmigrate import Settings
+from bootmigrate import Settings, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -427,6 +428,26 @@ def check_release_consistency(manifests: list[Manifest]) -> None:
         assert len(found) == 1, f"{pattern}: several images {found}"
 
 
+def check_command_lines(manifests: list[Manifest]) -> None:
+    """Every `bootmigrate ...` a container runs is a command line this build's CLI accepts
+    (a renamed or misspelt option fails here, not in a crash-looping pod)."""
+    checked = 0
+    for m in manifests:
+        spec = pod_spec(m.doc)
+        for c in containers(spec) if spec is not None else []:
+            line = command_line(c)
+            if line[:1] != ["bootmigrate"]:
+                continue
+            checked += 1
+            command = cli.main.get_command(click.Context(cli.main), line[1])
+            assert command is not None, f"{m.label}: no command {line[1]!r}"
+            try:
+                command.make_context(line[1], line[2:])
+            except click.UsageError as exc:
+                raise AssertionError(f"{m.label}: {line}: {exc.format_message()}") from None
+    assert checked
+
+
 RULES: dict[str, Callable[[list[Manifest]], None]] = {
     "termination-grace": check_termination_grace,
     "probes": check_probes,
@@ -438,6 +459,7 @@ RULES: dict[str, Callable[[list[Manifest]], None]] = {
     "helm-hook": check_helm_hook,
     "wait-only": check_wait_only,
     "release-consistency": check_release_consistency,
+    "command-lines": check_command_lines,
 }
 
 
@@ -652,6 +674,24 @@ BREAKAGES: dict[str, tuple[str, Callable[[list[Manifest]], None]]] = {
     "build-not-the-image-tag": (
         "release-consistency",
         lambda ms: _set_env(_app(ms, "lifespan"), "BOOTMIGRATE_BUILD", "1.0.1"),
+    ),
+    "misspelt-option": (
+        "command-lines",
+        lambda ms: _job(ms, "job")["spec"]["template"]["spec"]["containers"][0].update(
+            command=["bootmigrate", "up", "--wait-timout", "300"]
+        ),
+    ),
+    "no-such-command": (
+        "command-lines",
+        lambda ms: _pod_of(ms, "Deployment", "job")["initContainers"][0].update(
+            command=["bootmigrate", "await", "--timeout", "600"]
+        ),
+    ),
+    "not-a-number": (
+        "command-lines",
+        lambda ms: _job(ms, "helm")["spec"]["template"]["spec"]["containers"][0].update(
+            command=["bootmigrate", "up", "--wait-timeout", "5m"]
+        ),
     ),
     "cli-on-another-database": (
         "release-consistency",
