@@ -84,6 +84,7 @@ class Replicas:
         env: dict[str, str] | None = None,
         pause_on: str | None = None,
         sigterm_on: str | None = None,
+        announce: str | None = None,
         print_events: bool = False,
         **options: Any,
     ) -> Worker:
@@ -91,7 +92,8 @@ class Replicas:
 
         ``barrier``: it connects, reports ready, then waits for :meth:`Worker.go`.
         ``pause_on``/``sigterm_on``: it freezes at, or sends itself SIGTERM at, the first
-        bootmigrate log line containing that text (see worker_main.py).
+        bootmigrate log line containing that text (see worker_main.py); ``announce``: it
+        reports ``{"event": "announced"}`` there and goes on.
         ``print_events``: it prints each bootmigrate event (``Worker.events``).
         """
         args = [
@@ -114,6 +116,8 @@ class Replicas:
             args += ["--pause-on", pause_on]
         if sigterm_on:
             args += ["--sigterm-on", sigterm_on]
+        if announce:
+            args += ["--announce", announce]
         if print_events:
             args.append("--print-events")
         process = subprocess.Popen(

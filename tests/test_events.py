@@ -157,7 +157,9 @@ async def _cancelled_inside(db: Any, idempotent: bool) -> list[Event]:
     migrations = [Migration(version=1, up=forever, name="forever", idempotent=idempotent)]
     with anyio.fail_after(10), anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: migrate(db, migrations, on_event=seen.append))
+            tasks.start_soon(
+                lambda: migrate(db, migrations, shutdown_grace=0.2, on_event=seen.append)
+            )
             await inside.wait()
             scope.cancel()
     return seen
@@ -167,7 +169,8 @@ async def _cancelled_inside(db: Any, idempotent: bool) -> list[Event]:
 async def test_a_holder_cancelled_inside_a_migration_says_interrupted(db: Any) -> None:
     seen = await _cancelled_inside(db, idempotent=False)
 
-    assert names(seen)[-3:] == ["migration_started", "interrupted", "cancelled"]
+    assert names(seen)[-4:] == ["migration_started", "stop_requested", "interrupted", "cancelled"]
+    assert seen[-3].shutdown_grace_s == 0.2
     assert (seen[-2].migration_version, seen[-2].stuck) == (1, True)
     assert seen[-1].stuck is True
 
@@ -176,7 +179,13 @@ async def test_a_holder_cancelled_inside_a_migration_says_interrupted(db: Any) -
 async def test_a_holder_cancelled_inside_a_repeatable_migration_releases_it(db: Any) -> None:
     seen = await _cancelled_inside(db, idempotent=True)
 
-    assert names(seen)[-4:] == ["migration_started", "interrupted", "released", "cancelled"]
+    assert names(seen)[-5:] == [
+        "migration_started",
+        "stop_requested",
+        "interrupted",
+        "released",
+        "cancelled",
+    ]
     assert (seen[-3].stuck, seen[-2].reason, seen[-1].stuck) == (False, "interrupted", False)
 
 

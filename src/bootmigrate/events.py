@@ -63,6 +63,7 @@ EventName = Literal[
     "transaction_retried",
     "commit_confirmed",
     "migrations_done",
+    "stop_requested",
     # an operator's unlock or set-version
     "watching_holder",
 ]
@@ -113,6 +114,7 @@ class Event:
     server_name: str | None = None
     server_version: str | None = None
     topology: str | None = None
+    shutdown_grace_s: float | None = None
 
     @property
     def levelname(self) -> str:
@@ -165,6 +167,7 @@ class EventFields(TypedDict, total=False):
     server_name: str | None
     server_version: str | None
     topology: str | None
+    shutdown_grace_s: float | None
 
 
 class StepFields(TypedDict):

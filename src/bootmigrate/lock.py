@@ -787,7 +787,7 @@ ReleaseReason = Literal["done", "cancelled", "interrupted", "rerun_already_done"
 _RELEASE_LINES: dict[ReleaseReason, tuple[str, int]] = {
     "done": ("released the migration lock at version %s (token %d)", logging.DEBUG),
     "cancelled": (
-        "cancelled between migrations: released the lock at version %s (token %d)",
+        "asked to stop between migrations: released the lock at version %s (token %d)",
         logging.WARNING,
     ),
     "interrupted": (

@@ -18,6 +18,7 @@ import anyio
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from .apply import Applier
+from .cancellation import in_child_task
 from .checksums import find_drift
 from .control import Control, Owner
 from .driver_errors import TryAgain, database_error, describe, is_transient, sorted_errors
@@ -31,6 +32,7 @@ from .errors import (
     InvalidMigrations,
     InvalidTarget,
     MigrationFailed,
+    NotMigrated,
     ahead_text,
 )
 from .events import Emitter, Hook
@@ -62,6 +64,8 @@ async def migrate(
     migration_timeout: float | None = None,
     validate: bool = False,
     retry_failed_on_new_build: bool = False,
+    shutdown_grace: float = 20.0,
+    apply: bool = True,
     on_event: Hook | Sequence[Hook] | None = None,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
@@ -91,9 +95,15 @@ async def migrate(
     first refuses (``InvalidMigrations``, nothing written) if an applied migration's code
     changed or disappeared since it ran. ``retry_failed_on_new_build=True`` lets a build
     other than the one a migration failed on take the stuck lock and retry it (never an
-    interrupted one, never a live lock). ``on_event``: a callable taking each
-    :class:`~bootmigrate.events.Event` of this call (or a sequence of them), called
-    synchronously; one that raises is logged and ignored (docs/events.md lists the events).
+    interrupted one, never a live lock). ``shutdown_grace``: once the call is cancelled (a
+    SIGTERM), how long a migration already running may go on to finish before it is cancelled
+    and recorded; waiting, and the time between two migrations, end at once.
+    ``apply=False``: wait only (never take the lock, never write) until another process
+    brought the database to ``target``; a stuck lock fails fast, and if nothing migrated it
+    within ``wait_timeout`` the call raises :class:`~bootmigrate.NotMigrated`. ``on_event``:
+    a callable taking each :class:`~bootmigrate.events.Event` of this call (or a sequence of
+    them), called synchronously; one that raises is logged and ignored (docs/events.md lists
+    them).
 
     When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
     is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
@@ -116,6 +126,8 @@ async def migrate(
         migration_timeout=migration_timeout,
         validate=validate,
         retry_failed_on_new_build=retry_failed_on_new_build,
+        shutdown_grace=shutdown_grace,
+        apply=apply,
         on_event=on_event,
     )
     return await migrate_with(db, migrations, settings)
@@ -199,6 +211,20 @@ async def _call(
 ) -> MigrationReport:
     """The body of :func:`migrate_with`, between its first and last events."""
     detect_driver(db)
+    return await in_child_task(
+        lambda: _migrate(db, migrations, settings, owner, events, explicit_rerun=explicit_rerun)
+    )
+
+
+async def _migrate(
+    db: Any,
+    migrations: MigrationSource,
+    settings: Settings,
+    owner: Owner,
+    events: Emitter,
+    *,
+    explicit_rerun: bool,
+) -> MigrationReport:
     raw_request = os.environ.get(ENV_VAR)
     request = None
     if settings.target == "latest" and settings.rerun is None:
@@ -314,6 +340,15 @@ class _Missed(Exception):
         self.tried = tried
 
 
+class _NotYet(Exception):
+    """Wait-only: the database is not yet where this build needs it; look again after a nap."""
+
+    def __init__(self, control: Control, wanted: int) -> None:
+        super().__init__(f"the database is at version {control.version}, waiting for {wanted}")
+        self.control = control
+        self.wanted = wanted
+
+
 @dataclass(frozen=True)
 class _Held:
     """The lock is ours, and this is what to run under it."""
@@ -359,7 +394,7 @@ class Runner:
             self.settings.waiting,
             deadline,
             self.lock.collection,
-            again=(LockBusy, ConnectionFailure, TryAgain, _Missed),
+            again=(LockBusy, ConnectionFailure, TryAgain, _Missed, _NotYet),
             before_nap=self._before_nap,
         )
         try:
@@ -371,11 +406,17 @@ class Runner:
         except TimeoutError:
             # The deadline cut a read short (anyio's TimeoutError says nothing of its own).
             self._give_up(TimeoutError("no answer before the deadline"))
-        except (LockBusy, ConnectionFailure, TryAgain) as exc:
+        except (LockBusy, ConnectionFailure, TryAgain, _NotYet) as exc:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
-        applier = Applier(self.db, settled.lock, self.lock.owner, self.settings.migration_timeout)
+        applier = Applier(
+            self.db,
+            settled.lock,
+            self.lock.owner,
+            self.settings.migration_timeout,
+            self.settings.shutdown_grace,
+        )
         try:
             return await applier.apply(settled.plan, self._waited())
         # A bookkeeping write the held lock did not retry (permanent), or gave up on.
@@ -406,6 +447,8 @@ class Runner:
             # holder from a live one takes watching it for a lease, which an up-to-date boot
             # must not pay. The next boot with work to do takes it over.
             return self._nothing_to_do(control, plan)
+        if not self.settings.apply:
+            self._wait_only(control, plan)
         if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
             with sorted_errors("create the control document (fresh='skip')"):
                 created = await self.lock.skip_fresh(plan.to_version, deadline)
@@ -455,6 +498,13 @@ class Runner:
             waited_s=self._waited(),
             holder=self.lock.owner.as_document(),
         )
+
+    def _wait_only(self, control: Control, plan: Plan) -> NoReturn:
+        """A wait-only call (``apply=False``) with work left: fail fast on a stuck lock (only
+        an operator can clear it), else wait for whoever migrates."""
+        if control.stuck:
+            raise ControlLocked("stuck", control, collection=self.lock.collection_name)
+        raise _NotYet(control, plan.to_version)
 
     def _check_writable(self, control: Control) -> None:
         """After a write that matched nothing, the next reading tells why: another process
@@ -697,13 +747,20 @@ class Runner:
 
     def _give_up(self, exc: BaseException) -> NoReturn:
         """The deadline passed: say why, as the error an operator can act on."""
-        last = exc.control if isinstance(exc, LockBusy) else self._last_seen
+        last = exc.control if isinstance(exc, (LockBusy, _NotYet)) else self._last_seen
         if last is not None and last.locked:
             raise ControlLocked(
                 "stuck" if last.stuck else "wait_timeout",
                 last,
                 collection=self.lock.collection_name,
                 wait_timeout=self.settings.wait_timeout,
+            )
+        if isinstance(exc, _NotYet):
+            raise NotMigrated(
+                db_version=exc.control.version,
+                wanted=exc.wanted,
+                wait_timeout=self.settings.wait_timeout,
+                collection=self.lock.collection_name,
             )
         raise DatabaseUnavailable(
             address=address_of(self.db),
@@ -743,6 +800,23 @@ class Runner:
                         holder=c.owner,
                         lease_s=lease,
                     )
+        elif isinstance(exc, _NotYet):
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
+                c = exc.control
+                self.events.emit(
+                    "waiting",
+                    "waiting for the database to reach version %d (now %d, lock %s); this "
+                    "replica only waits (apply=False): another process runs the migrations",
+                    exc.wanted,
+                    c.version,
+                    f"held by {c.describe_owner()}" if c.locked else "free",
+                    db_version=c.version,
+                    target_version=exc.wanted,
+                    holder=c.owner if c.locked else None,
+                    running=c.running,
+                    token=c.token if c.locked else None,
+                )
         elif isinstance(exc, _Missed):
             self.events.emit(
                 "acquire_missed",
