@@ -25,7 +25,7 @@ from bootmigrate.integrations.starlette import migrate_lifespan
 from tests.clients import close_client, make_client
 from tests.in_process import recorder, recorders
 from tests.migration_files import recording_migrations, write_migrations
-from tests.polling import wait_past_lease, wait_until
+from tests.polling import wait_for, wait_past_lease, wait_until
 from tests.processes import Replicas, start_blocked_holder
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "events.md"
@@ -187,6 +187,32 @@ async def test_a_holder_cancelled_inside_a_repeatable_migration_releases_it(db: 
         "cancelled",
     ]
     assert (seen[-3].stuck, seen[-2].reason, seen[-1].stuck) == (False, "interrupted", False)
+
+
+@pytest.mark.anyio
+async def test_a_wait_only_call_waits_for_the_version_then_is_done(db: Any, client: Any) -> None:
+    release, inside = anyio.Event(), anyio.Event()
+    waiter: list[Event] = []
+
+    async def slow(db: Any) -> None:
+        inside.set()
+        await release.wait()
+
+    migrations = [Migration(version=1, up=slow, name="slow")]
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: migrate(db, migrations))
+        await inside.wait()
+        tasks.start_soon(
+            lambda: migrate(client[db.name], migrations, apply=False, on_event=waiter.append)
+        )
+        await wait_for(lambda: any(e.name == "waiting" for e in waiter), 20, "waiting")
+        release.set()
+
+    assert names(waiter) == ["started", "waiting", "wait_done", "done"]
+    waiting = waiter[1]
+    assert (waiting.db_version, waiting.target_version) == (0, 1)
+    assert waiting.holder is not None and waiting.holder["pid"] == os.getpid()
+    assert waiter[-1].held is False and waiter[-1].waited_s is not None
 
 
 # -- hooks ------------------------------------------------------------------------------------
@@ -367,6 +393,31 @@ def test_a_killed_holder_inside_a_plain_migration_is_marked_interrupted(
     marked, failed = named(worker.events(), "marked_interrupted"), worker.events()[-1]
     assert (marked["migration_version"], marked["stuck"]) == (1, True)
     assert (failed["reason"], failed["stuck"]) == ("stuck", True)
+
+
+@pytest.mark.multiprocess
+def test_a_holder_sigtermed_inside_a_migration_says_interrupted_after_the_grace(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    replicas = Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path / "m", 2))
+    holder = start_blocked_holder(replicas, 2, shutdown_grace=0.5, print_events=True)
+    try:
+        holder.process.send_signal(signal.SIGTERM)
+        result = holder.result()
+    finally:
+        holder.kill()
+
+    assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
+    assert names(holder.events())[-4:] == [
+        "migration_started",
+        "stop_requested",
+        "interrupted",
+        "cancelled",
+    ]
+    interrupted, cancelled = holder.events()[-2], holder.events()[-1]
+    assert (interrupted["migration_version"], interrupted["stuck"]) == (2, True)
+    assert interrupted["duration_s"] >= 0.5
+    assert cancelled["stuck"] is True
 
 
 # -- the documentation ------------------------------------------------------------------------
