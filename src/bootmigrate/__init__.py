@@ -19,6 +19,7 @@ from .errors import (
     NotMigrated,
     UnsupportedUpgrade,
 )
+from .events import Event
 from .migrations import Migration, load_migrations
 from .report import MigrationReport
 from .runner import migrate
@@ -30,6 +31,7 @@ __all__ = [
     "DatabaseAhead",
     "DatabaseError",
     "DatabaseUnavailable",
+    "Event",
     "InvalidControlDocument",
     "InvalidMigrations",
     "InvalidTarget",
