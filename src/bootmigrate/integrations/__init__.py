@@ -25,3 +25,11 @@ def settings_of(settings: Settings | None, options: dict[str, Any]) -> Settings:
     top, checked now, when the app is built, so that a misspelt or bad option fails there
     rather than at boot."""
     return (settings or Settings()).updated(**options)
+
+
+def check_flags(**flags: object) -> None:
+    """The integrations' own switches must be ``True`` or ``False``: a string such as
+    ``"false"`` from an environment variable would otherwise mean ``True``."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
