@@ -15,7 +15,8 @@ def write_migrations(directory: Path, files: dict[str, str]) -> Path:
 
 
 # A migration for process tests: records which process ran it and what the control document
-# said at that moment; blocks forever when BM_BLOCK_AT names its version (to be killed/paused).
+# said at that moment; blocks when BM_BLOCK_AT names its version (to be killed, paused or
+# signalled), until the file BM_RELEASE_FILE names exists (forever without one).
 RECORDING_MIGRATION = """
 import asyncio, os
 
@@ -25,7 +26,8 @@ async def up(db):
     control = await db.migrations.find_one({{"_id": "control"}})
     await db.ran.insert_one({{"version": {version}, "pid": os.getpid(), "control": control}})
     if os.environ.get("BM_BLOCK_AT") == "{version}":
-        while True:
+        release = os.environ.get("BM_RELEASE_FILE")
+        while not (release and os.path.exists(release)):
             await asyncio.sleep(0.05)
     await asyncio.sleep({seconds})
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -25,10 +26,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: f
 async def wait_for(
     predicate: Callable[[], Any], within: float, what: str, every: float = 0.02
 ) -> Any:
-    """:func:`wait_until` for a coroutine: napping lets the event loop run meanwhile."""
+    """:func:`wait_until` for a coroutine: napping lets the event loop run meanwhile. The
+    predicate may be a coroutine function (its result is awaited, not taken as true)."""
     deadline = time.monotonic() + within
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

@@ -80,13 +80,15 @@ class Replicas:
         env: dict[str, str] | None = None,
         pause_on: str | None = None,
         sigterm_on: str | None = None,
+        announce: str | None = None,
         **options: Any,
     ) -> Worker:
         """One replica booting in a process of its own, calling ``migrate(**options)``.
 
         ``barrier``: it connects, reports ready, then waits for :meth:`Worker.go`.
         ``pause_on``/``sigterm_on``: it freezes at, or sends itself SIGTERM at, the first
-        bootmigrate log line containing that text (see worker_main.py).
+        bootmigrate log line containing that text (see worker_main.py); ``announce``: it
+        reports ``{"event": "announced"}`` there and goes on.
         """
         args = [
             sys.executable,
@@ -108,6 +110,8 @@ class Replicas:
             args += ["--pause-on", pause_on]
         if sigterm_on:
             args += ["--sigterm-on", sigterm_on]
+        if announce:
+            args += ["--announce", announce]
         process = subprocess.Popen(
             args,
             stdin=subprocess.PIPE,

@@ -66,7 +66,7 @@ async def _cancel_inside(db: Any, idempotent: bool) -> None:
     ]
     with anyio.fail_after(10), anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: migrate(db, migrations))
+            tasks.start_soon(lambda: migrate(db, migrations, shutdown_grace=0))
             await started.wait()
             scope.cancel()
 

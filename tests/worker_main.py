@@ -7,7 +7,8 @@ Prints JSON lines: ``{"event": "ready"}`` once connected, then (after "go" on st
 ``--pause-on TEXT`` freezes the process (event loop, heartbeat and all) at the first
 bootmigrate log line containing TEXT, after printing ``{"event": "paused"}``, until the test
 writes a line to its stdin (or kills it there). ``--sigterm-on TEXT`` sends this process
-SIGTERM at that line instead. SIGTERM cancels the ``migrate()`` call, as a service's shutdown would.
+SIGTERM at that line instead. ``--announce TEXT`` prints ``{"event": "announced"}`` at that
+line and goes on. SIGTERM cancels the ``migrate()`` call, as a service's shutdown would.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ class SignalAt(logging.Handler):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class AnnounceAt(logging.Handler):
+    """Tells the test when bootmigrate reached a chosen point, and goes on."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.fragment = fragment
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.fragment in record.getMessage():
+            emit(event="announced", at=self.fragment)
+            self.fragment = "\0"  # once
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--uri", required=True)
@@ -75,6 +89,7 @@ async def main() -> int:
     parser.add_argument("--barrier", action="store_true")
     parser.add_argument("--pause-on")
     parser.add_argument("--sigterm-on")
+    parser.add_argument("--announce")
     args = parser.parse_args()
     logger = logging.getLogger("bootmigrate")
     logger.setLevel(logging.DEBUG)
@@ -82,6 +97,8 @@ async def main() -> int:
         logger.addHandler(PauseAt(args.pause_on))
     if args.sigterm_on:
         logger.addHandler(SignalAt(args.sigterm_on))
+    if args.announce:
+        logger.addHandler(AnnounceAt(args.announce))
     client = make_client(args.driver, args.uri)
     db = client[args.db]
     await db.command("ping")  # connect before the barrier so the start is simultaneous

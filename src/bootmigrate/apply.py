@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
@@ -92,19 +93,61 @@ class _Progress:
         (self.reverted if step.reverts else self.applied).append(step.migration.version)
 
 
+class _CutOff(Exception):
+    """The migration was cancelled: the call was asked to stop and ``shutdown_grace`` ran
+    out before the migration finished."""
+
+
+class _Stopped(Exception):
+    """The call was asked to stop (cancelled); the lock has been left as the stop requires."""
+
+
 class Applier:
     """Runs one plan under one held lock, for the length of one ``migrate()`` call."""
 
     def __init__(
-        self, db: Any, held: HeldLock, owner: Owner, migration_timeout: float | None
+        self,
+        db: Any,
+        held: HeldLock,
+        owner: Owner,
+        migration_timeout: float | None,
+        shutdown_grace: float = 0.0,
     ) -> None:
         self.db = db
         self.held = held
         self.owner = owner
         self.migration_timeout = migration_timeout
+        self.shutdown_grace = shutdown_grace
+        # The scope of the migration running now, for the grace to cancel once it runs out.
+        self._migration: anyio.CancelScope | None = None
 
     async def apply(self, plan: Plan, waited: float) -> MigrationReport:
-        """Run ``plan`` with the heartbeat going all along; release at the end."""
+        """Run ``plan`` with the heartbeat going all along; release at the end.
+
+        The work runs shielded, and a cancellation of this call only asks it to stop: at once
+        between migrations (the lock released at the version reached), after
+        ``shutdown_grace`` inside one (finished by then: recorded as applied; otherwise
+        cancelled and recorded). The heartbeat goes on meanwhile, so the lock stays ours for
+        as long as the grace lasts. The cancellation is raised once the lock is left."""
+        stop = anyio.Event()
+        report: MigrationReport | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as watch:
+            await watch.start(_set_when_cancelled, stop)
+            with anyio.CancelScope(shield=True):
+                try:
+                    report = await self._apply(plan, waited, stop)
+                except Exception as exc:  # raised below, outside the task group
+                    error = exc
+            watch.cancel_scope.cancel()
+        if isinstance(error, _Stopped):
+            await anyio.lowlevel.checkpoint()  # raises this call's own cancellation
+        if error is not None:
+            raise error
+        assert report is not None
+        return report
+
+    async def _apply(self, plan: Plan, waited: float, stop: anyio.Event) -> MigrationReport:
         held = self.held
         state = _Progress(version=held.control.version)
         error: Exception | None = None
@@ -124,8 +167,9 @@ class Applier:
         )
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(held.keep_alive, tasks.cancel_scope.cancel)
+            tasks.start_soon(self._cut_off_after_grace, stop)
             try:
-                await self._run_steps(plan, state)
+                await self._run_steps(plan, state, stop)
             except Exception as exc:  # re-raised below, outside the task group
                 error = exc
             tasks.cancel_scope.cancel()
@@ -154,33 +198,56 @@ class Applier:
             holder=True,
         )
 
-    async def _run_steps(self, plan: Plan, state: _Progress) -> None:
+    async def _run_steps(self, plan: Plan, state: _Progress, stop: anyio.Event) -> None:
         try:
             for step in plan.steps:
+                if stop.is_set():
+                    raise _Stopped
                 await self.held.start(step.running(), step.unfinished())
-                await anyio.lowlevel.checkpoint()  # a cancellation here is still "between"
+                if stop.is_set():  # asked while naming it: still between two migrations
+                    raise _Stopped
                 await self._run_step(step, state)
             await self.held.release()
-        except anyio.get_cancelled_exc_class():
-            if not self.held.lost and not state.inside:
+        except _Stopped:
+            if not state.inside:  # inside one, its end was recorded where it stopped
                 log.warning(
-                    "cancelled between migrations: releasing the lock at version %d", state.version
+                    "asked to stop between migrations: releasing the lock at version %d",
+                    state.version,
+                    extra=log_fields("stopped_between", db_version=state.version),
                 )
                 await self.held.release()
             raise
+
+    async def _cut_off_after_grace(self, stop: anyio.Event) -> None:
+        """Once the call is asked to stop: leave the running migration (if any) the grace to
+        finish, then cancel it."""
+        await stop.wait()
+        if self._migration is None:
+            return  # between migrations: the loop stops at its next step
+        log.warning(
+            "asked to stop while a migration runs: it has %g s (shutdown_grace) to finish",
+            self.shutdown_grace,
+            extra=log_fields("stop_requested", shutdown_grace_s=self.shutdown_grace),
+        )
+        await anyio.sleep(self.shutdown_grace)
+        if self._migration is not None:
+            self._migration.cancel()
 
     async def _run_step(self, step: Step, state: _Progress) -> None:
         migration = step.migration
         run = StepRun.begin(step)
         log.debug("running migration %s (%s)", migration.label(), step.direction)
-        state.inside = True  # stays set if the step is cancelled: it is then handled here
+        state.inside = True  # stays set if the step is stopped: it is then handled here
         try:
             if migration.transactional:
                 await self._run_in_transaction(run)
             else:
                 await self._call(step)
+        except _CutOff:
+            await self._record_interruption(run)
+            raise _Stopped from None
         except anyio.get_cancelled_exc_class():
-            if not self.held.lost:
+            if not self.held.lost:  # only a lost lock cancels in here; kept as a safeguard
                 await self._record_interruption(run)
             raise
         except LockLost:
@@ -275,8 +342,17 @@ class Applier:
             timeout = min(timeout or limit, limit)
         scope: anyio.CancelScope | None = None
         try:
-            with anyio.fail_after(timeout) as scope:
-                result = await self._invoke(step, session)
+            with anyio.CancelScope() as stoppable, anyio.fail_after(timeout) as scope:
+                self._migration = stoppable
+                try:
+                    result = await self._invoke(step, session)
+                finally:
+                    self._migration = None
+            if stoppable.cancelled_caught:
+                raise _CutOff(
+                    f"did not finish within shutdown_grace ({self.shutdown_grace:g} s) after "
+                    "the process was asked to stop"
+                )
         except TimeoutError:
             if timeout is None or scope is None or not scope.cancel_called:
                 raise  # the migration's own TimeoutError, not ours
@@ -327,25 +403,52 @@ class Applier:
 
     async def _record_interruption(self, run: StepRun) -> None:
         migration = run.step.migration
+        why = (
+            "the process was asked to stop and the migration did not finish within "
+            f"shutdown_grace ({self.shutdown_grace:g} s)"
+        )
         if migration.safe_to_repeat(run.step.direction):
             log.warning(
-                "cancelled inside migration %s, which is safe to run again: releasing the "
+                "stopped inside migration %s (%s), which is safe to run again: releasing the "
                 "lock; the next boot re-runs it",
                 migration.label(),
+                why,
+                extra=log_fields(
+                    "interrupted",
+                    migration_version=migration.version,
+                    migration_name=migration.name,
+                    released=True,
+                ),
             )
             await self.held.release()
         else:
             log.error(
-                "cancelled inside migration %s: leaving the lock stuck as interrupted",
+                "stopped inside migration %s (%s): leaving the lock stuck as interrupted",
                 migration.label(),
+                why,
+                extra=log_fields(
+                    "interrupted",
+                    migration_version=migration.version,
+                    migration_name=migration.name,
+                    released=False,
+                ),
             )
             failure = failure_record(
                 "interrupted",
                 run.step.unfinished(),
                 self.owner.as_document(),
-                error="cancelled while running (the process was asked to stop)",
+                error=f"stopped while running: {why}",
             )
             await self.held.stick(failure)
-        await self.held.record(
-            run.entry("interrupted", self.held.token, note="cancelled while running")
-        )
+        await self.held.record(run.entry("interrupted", self.held.token, note=f"stopped: {why}"))
+
+
+async def _set_when_cancelled(
+    stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Set ``stop`` once the task group this runs in is cancelled, that is, once the call is."""
+    task_status.started()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        stop.set()

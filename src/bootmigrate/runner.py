@@ -18,6 +18,7 @@ import anyio
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from .apply import Applier
+from .cancellation import in_child_task
 from .checksums import find_drift
 from .control import Control, Owner
 from .driver_errors import TryAgain, database_error, describe, is_transient, sorted_errors
@@ -62,6 +63,8 @@ async def migrate(
     migration_timeout: float | None = None,
     validate: bool = False,
     retry_failed_on_new_build: bool = False,
+    shutdown_grace: float = 20.0,
+    apply: bool = True,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
 
@@ -90,7 +93,12 @@ async def migrate(
     first refuses (``InvalidMigrations``, nothing written) if an applied migration's code
     changed or disappeared since it ran. ``retry_failed_on_new_build=True`` lets a build
     other than the one a migration failed on take the stuck lock and retry it (never an
-    interrupted one, never a live lock).
+    interrupted one, never a live lock). ``shutdown_grace``: once the call is cancelled (a
+    SIGTERM), how long a migration already running may go on to finish before it is cancelled
+    and recorded; waiting, and the time between two migrations, end at once.
+    ``apply=False``: wait only (never take the lock, never write) until another process
+    brought the database to ``target``; a stuck lock fails fast, and if nothing migrated it
+    within ``wait_timeout`` the call raises :class:`~bootmigrate.NotMigrated`.
 
     When neither ``target`` nor ``rerun`` is given, ``MIGRATION_VERSION`` in the environment
     is honoured as Rocket.Chat reads it; ``N,exit`` sets ``exit_requested`` on the report so
@@ -113,6 +121,8 @@ async def migrate(
         migration_timeout=migration_timeout,
         validate=validate,
         retry_failed_on_new_build=retry_failed_on_new_build,
+        shutdown_grace=shutdown_grace,
+        apply=apply,
     )
     return await migrate_with(db, migrations, settings)
 
@@ -128,6 +138,14 @@ async def migrate_with(
     ``explicit_rerun=True`` is an operator's own command (``bootmigrate rerun N``): it always
     runs."""
     detect_driver(db)
+    return await in_child_task(
+        lambda: _migrate(db, migrations, settings, explicit_rerun=explicit_rerun)
+    )
+
+
+async def _migrate(
+    db: Any, migrations: MigrationSource, settings: Settings, *, explicit_rerun: bool
+) -> MigrationReport:
     raw_request = os.environ.get(ENV_VAR)
     request = None
     if settings.target == "latest" and settings.rerun is None:
@@ -302,7 +320,13 @@ class Runner:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
-        applier = Applier(self.db, settled.lock, self.lock.owner, self.settings.migration_timeout)
+        applier = Applier(
+            self.db,
+            settled.lock,
+            self.lock.owner,
+            self.settings.migration_timeout,
+            self.settings.shutdown_grace,
+        )
         try:
             return await applier.apply(settled.plan, self._waited())
         # A bookkeeping write the held lock did not retry (permanent), or gave up on.

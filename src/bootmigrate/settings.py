@@ -45,6 +45,12 @@ class Settings:
     write that lost its connection (it retries for at most one lease). Those two follow
     ``max_poll_interval`` unless given.
     ``migration_timeout``: seconds each migration may run (a module's ``timeout`` wins).
+    ``shutdown_grace``: once the call is cancelled (SIGTERM), seconds a migration already
+    running may go on to finish; past it, it is cancelled and recorded (``0``: at once).
+    Waiting and the time between migrations end at once, whatever this says.
+    ``apply``: ``False`` makes a wait-only call, which never takes the lock and never writes:
+    it waits until another process (a Job, a release hook) brought the database to
+    ``target``, and fails fast on a stuck lock.
     ``validate``: refuse to run if an applied migration's code changed.
     ``retry_failed_on_new_build``: a different build may retry a migration that failed.
     """
@@ -64,8 +70,11 @@ class Settings:
     stream_idle_wait: float | None = None
     max_write_retry_interval: float | None = None
     migration_timeout: float | None = None
+    # Below Kubernetes' default 30 s between SIGTERM and SIGKILL, with room to record the end.
+    shutdown_grace: float = 20.0
     validate: bool = False
     retry_failed_on_new_build: bool = False
+    apply: bool = True
 
     def __post_init__(self) -> None:
         for name in ("wait_timeout", "lease", "max_poll_interval"):
@@ -73,6 +82,7 @@ class Settings:
         for name in ("stream_idle_wait", "max_write_retry_interval", "migration_timeout"):
             if getattr(self, name) is not None:
                 _seconds(name, getattr(self, name))
+        _seconds("shutdown_grace", self.shutdown_grace, zero=True)
         _target(self.target)
         _choice("fresh", self.fresh, ("run", "skip"))
         _choice("on_ahead", self.on_ahead, ("warn", "error"))
@@ -85,10 +95,15 @@ class Settings:
         _version("rerun", self.rerun, lowest=1, error=InvalidTarget)
         _text("build", self.build)
         _text("floor_release", self.floor_release)
-        for name in ("validate", "retry_failed_on_new_build"):
+        for name in ("validate", "retry_failed_on_new_build", "apply"):
             if not isinstance(getattr(self, name), bool):
                 # Not truthiness: validate="false" would otherwise mean True.
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not self.apply and self.rerun is not None:
+            raise ValueError(
+                "rerun cannot be combined with apply=False: a wait-only call never runs a "
+                "migration (run `bootmigrate rerun N` where migrations are applied)"
+            )
 
     @property
     def history_name(self) -> str:
@@ -119,11 +134,12 @@ class Settings:
         return replace(self, **changes)
 
 
-def _seconds(name: str, value: object) -> None:
+def _seconds(name: str, value: object, *, zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        kind = "non-negative" if zero else "positive"
+        raise ValueError(f"{name} must be a {kind}, finite number of seconds, got {value!r}")
 
 
 def _target(value: object) -> None:

@@ -1,6 +1,7 @@
 """Scenario 6: SIGTERM while waiting and while migrating, with the cancellation semantics:
 a waiter writes nothing; a holder between migrations releases at the version reached; one
-inside a migration leaves it stuck as interrupted, unless the migration is idempotent."""
+inside a migration gives it ``shutdown_grace`` to finish, then leaves it stuck as interrupted,
+unless the migration is idempotent."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from tests.processes import Replicas, Worker, boot, start_blocked_holder
 STABLE = ("_id", "locked", "version", "token", "owner", "locked_at", "running", "failure")
 
 
-def blocked_in_2(replicas: Replicas) -> Worker:
-    """A holder that took the lock and stays inside migration 2."""
-    return start_blocked_holder(replicas, 2, lease=5)
+def blocked_in_2(replicas: Replicas, **options: Any) -> Worker:
+    """A holder that took the lock and stays inside migration 2 (past a short grace)."""
+    return start_blocked_holder(replicas, 2, **{"lease": 5, "shutdown_grace": 0.5, **options})
 
 
 def test_sigterm_while_waiting_writes_nothing(
@@ -86,3 +87,34 @@ def test_sigterm_inside_an_idempotent_migration_releases_for_a_rerun(
     assert (control["locked"], control["version"]) == (False, 1)
     assert "failure" not in control
     assert boot(replicas)["applied"] == [2, 3]
+
+
+def test_sigterm_inside_a_migration_that_finishes_within_the_grace_counts_it_applied(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    replicas = Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path / "m", 3))
+    holder = start_blocked_holder(
+        replicas,
+        2,
+        env={"BM_RELEASE_FILE": str(release)},
+        lease=5,
+        shutdown_grace=60,
+        announce="asked to stop while a migration runs",
+    )
+    try:
+        holder.process.send_signal(signal.SIGTERM)
+        # "ready" came first; then the stop is in and the grace runs.
+        assert [holder.read_event()["event"] for _ in range(2)] == ["ready", "announced"]
+        release.touch()  # the migration finishes within its grace
+        result = holder.result()
+    finally:
+        holder.kill()
+
+    record("6 SIGTERM", runs=1, faults=1)
+    assert (result["exit_code"], result["error"]) == (143, "Cancelled"), result
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"]) == (False, 2)
+    assert "running" not in control and "failure" not in control
+    assert [d["version"] for d in sync_db.ran.find()] == [1, 2]  # 3 did not start
+    assert [r["outcome"] for r in sync_db.migrations_history.find()] == ["applied", "applied"]
