@@ -3,6 +3,7 @@
 >>> report = await migrate(db, "migrations")  # doctest: +SKIP
 """
 
+from .commands import Status, status
 from .context import MigrationContext
 from .errors import (
     ControlLocked,
@@ -15,6 +16,7 @@ from .errors import (
     LockLost,
     MigrationError,
     MigrationFailed,
+    NotMigrated,
     UnsupportedUpgrade,
 )
 from .migrations import Migration, load_migrations
@@ -37,9 +39,12 @@ __all__ = [
     "MigrationError",
     "MigrationFailed",
     "MigrationReport",
+    "NotMigrated",
     "Settings",
+    "Status",
     "UnsupportedServer",
     "UnsupportedUpgrade",
     "load_migrations",
     "migrate",
+    "status",
 ]

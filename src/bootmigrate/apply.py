@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-import anyio.abc
 import anyio.lowlevel
 from pymongo.errors import PyMongoError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
@@ -133,7 +132,10 @@ class Applier:
         report: MigrationReport | None = None
         error: Exception | None = None
         async with anyio.create_task_group() as watch:
-            await watch.start(_set_when_cancelled, stop)
+            # Not `start()`: its checkpoint could take a cancellation before the shield is up,
+            # leaving the lock held and unused. A task started in a cancelled scope still runs
+            # up to its first checkpoint, so the stop is seen all the same.
+            watch.start_soon(_set_when_cancelled, stop)
             with anyio.CancelScope(shield=True):
                 try:
                     report = await self._apply(plan, waited, stop)
@@ -443,11 +445,8 @@ class Applier:
         await self.held.record(run.entry("interrupted", self.held.token, note=f"stopped: {why}"))
 
 
-async def _set_when_cancelled(
-    stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-) -> None:
+async def _set_when_cancelled(stop: anyio.Event) -> None:
     """Set ``stop`` once the task group this runs in is cancelled, that is, once the call is."""
-    task_status.started()
     try:
         await anyio.sleep_forever()
     finally:

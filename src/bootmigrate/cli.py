@@ -10,7 +10,9 @@ import functools
 import json
 import logging
 import re
+import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,13 +21,14 @@ from typing import Any, TypeVar
 
 import anyio
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
 from . import commands
 from .control import step_label
 from .drivers import address_of
-from .errors import MigrationError, finish_command
+from .errors import ControlLocked, MigrationError, NotMigrated, finish_command
 from .plan import Plan, Target
 from .report import MigrationReport
 from .runner import migrate_with
@@ -38,6 +41,9 @@ PENDING = 3
 LOCKED = 4
 STUCK = 5
 DRIFT = 6
+
+# `bootmigrate wait`'s default bound, as migrate()'s wait_timeout.
+WAIT_TIMEOUT = 300.0
 
 STATE_EXIT = {
     "up-to-date": OK,
@@ -77,7 +83,8 @@ class Session:
         self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
     def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """Connect (within ``--timeout``), run ``work(db)``, close."""
+        """Connect (within ``--timeout``), run ``work(db)``, close. SIGTERM or SIGINT stops
+        the work as a booting replica's shutdown would, and exits 128 + the signal."""
 
         async def main() -> T:
             client = self._client()
@@ -90,7 +97,7 @@ class Session:
                 if closed is not None:
                     await closed
 
-        return anyio.run(main)
+        return anyio.run(until_signalled, main)
 
     def _client(self) -> Any:
         options: dict[str, Any] = {
@@ -150,6 +157,43 @@ class Session:
             raise Failure("cancelled; nothing was changed")
 
 
+async def until_signalled(work: Callable[[], Awaitable[T]]) -> T:
+    """``await work()``, cancelled by SIGTERM or SIGINT (then a :class:`Failure` exiting 128 +
+    the signal's number). In a container the command is often process 1, which the kernel
+    gives no default action for SIGTERM: without this, it would run on until SIGKILL."""
+    outcome: list[T] = []
+    failure: list[Exception] = []
+    received: list[int] = []
+
+    async def run() -> None:
+        try:
+            outcome.append(await work())
+        except Exception as exc:  # raised below, as is
+            failure.append(exc)
+        group.cancel_scope.cancel()  # the signal watcher too
+
+    async def watch() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for number in signals:
+                received.append(number)
+                group.cancel_scope.cancel()
+                return
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        group.start_soon(run)
+    if received:
+        name = signal.Signals(received[0]).name
+        raise Failure(
+            f"stopped by {name}: a migration that was running had shutdown_grace to finish; "
+            "`bootmigrate status` shows what was left",
+            128 + received[0],
+        )
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat() + ("Z" if value.tzinfo is None else "")
@@ -197,7 +241,8 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
         type=click.FloatRange(min=0.1),
         default=10.0,
         show_default=True,
-        help="Seconds to wait for the server to answer.",
+        help="Seconds to wait for the server to answer (for `wait`: the whole wait, "
+        "300 unless given).",
     )
     @click.option(
         "--driver",
@@ -273,6 +318,8 @@ def main() -> None:
 
     Exit codes: 0 success (status: up to date), 1 error, 2 usage, 3 pending migrations,
     4 locked by a running migration, 5 stuck after a failure, 6 applied migrations changed.
+    `wait` uses the same codes for what it found when it gave up. SIGTERM or SIGINT stops a
+    command as it stops a booting replica, and exits 128 + the signal (143 for SIGTERM).
     """
 
 
@@ -305,16 +352,70 @@ def plan_command(session: Session, to: int | None) -> None:
     show_default=True,
     help="Seconds to wait for another process's lock.",
 )
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=Settings().shutdown_grace,
+    show_default=True,
+    help="On SIGTERM, seconds a running migration may go on to finish before it is cancelled.",
+)
 @common
-def up(session: Session, to: int | None, wait_timeout: float) -> None:
-    """Apply pending migrations (up to --to N)."""
+def up(session: Session, to: int | None, wait_timeout: float, shutdown_grace: float) -> None:
+    """Apply pending migrations (up to --to N). SIGTERM stops it as it stops a booting
+    replica: at once between migrations, after --shutdown-grace inside one."""
     found = _plan(session, "latest" if to is None else to)
     if to is not None and found.to_version < found.from_version:
         raise Failure(
             f"--to {to} is below the database version {found.from_version}; "
             "use `bootmigrate down --to` to go down"
         )
-    _migrate(session, target="latest" if to is None else to, wait_timeout=wait_timeout)
+    _migrate(
+        session,
+        target="latest" if to is None else to,
+        wait_timeout=wait_timeout,
+        shutdown_grace=shutdown_grace,
+    )
+
+
+@main.command()
+@common
+def wait(session: Session) -> int:
+    """Wait until the database reaches this build's latest version, never taking the lock or
+    writing (app pods and init containers, when a Job or release hook runs `up`).
+
+    --timeout S bounds the whole wait, reaching the server included (default here: 300 s).
+    Exit 0 reached (or ahead), 3 still pending with nobody migrating, 4 still locked by a live
+    holder, 5 stuck after a failure or interruption (an operator must act), 1 other errors.
+    """
+    context = click.get_current_context()
+    if context.get_parameter_source("timeout") is ParameterSource.DEFAULT:
+        session.timeout = WAIT_TIMEOUT
+    started = time.monotonic()
+
+    async def wait_for(db: Any) -> MigrationReport:
+        left = max(session.timeout - (time.monotonic() - started), 0.1)
+        settings = _checked(session.settings, apply=False, wait_timeout=left)
+        return await migrate_with(db, session.migrations, settings)
+
+    try:
+        report = session.run(wait_for)
+    except NotMigrated as exc:
+        raise Failure(str(exc), PENDING) from exc
+    except ControlLocked as exc:
+        raise Failure(str(exc), STUCK if exc.reason == "stuck" else LOCKED) from exc
+    session.emit(
+        {
+            "from_version": report.from_version,
+            "to_version": report.to_version,
+            "waited_s": report.waited,
+            "ahead": report.ahead,
+        },
+        lambda: session.console.print(
+            f"the database is at version {report.to_version}"
+            + (f" (waited {report.waited:.1f} s)" if report.waited else "")
+        ),
+    )
+    return OK
 
 
 @main.command()

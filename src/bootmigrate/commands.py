@@ -119,7 +119,14 @@ class Unlocked:
 
 
 async def status(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Status:
-    """Read-only: the control document, the plan to latest, and the lock's health."""
+    """Where the database is, what is pending and who holds the lock: the object
+    ``bootmigrate status`` prints (``Status.as_json()`` is its ``--json``). Read-only, with no
+    lock taken and nothing written; a readiness or admin endpoint may call it.
+
+    >>> found = await status(db, "migrations")  # doctest: +SKIP
+    >>> found.state, found.version, found.latest  # doctest: +SKIP
+    ('pending', 3, 5)
+    """
     settings = settings or Settings()
     known, lock = _prepare(db, migrations, settings)
     control = await lock.read()

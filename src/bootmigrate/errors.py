@@ -11,6 +11,8 @@ What ``migrate()`` can raise:
 - :class:`ControlLocked`: the lock is stuck after an earlier failure or interruption, or
   another process still held it when ``wait_timeout`` ran out.
 - :class:`LockLost`: this call held the lock and lost it (it stopped, writing nothing more).
+- :class:`NotMigrated`: a wait-only call (``apply=False``) saw nobody bring the database to
+  this build's version before ``wait_timeout``.
 - :class:`UnsupportedUpgrade`: the database is older than this build upgrades from.
 - :class:`DatabaseAhead`: the database is newer than this build, and that was refused.
 - :class:`InvalidMigrations`: bad migration files or objects; nothing was written.
@@ -274,6 +276,26 @@ class LockLost(ControlLocked):
         self.token = token
         self.lease = lease
         self.during = during
+
+
+class NotMigrated(MigrationError):
+    """A wait-only call (``apply=False``) gave up: nothing brought the database to the version
+    this build needs within ``wait_timeout``, and no process held the lock at the end."""
+
+    def __init__(
+        self, *, db_version: int, wanted: int, wait_timeout: float, collection: str
+    ) -> None:
+        self._fields = _fields(locals())
+        self.db_version = db_version
+        self.wanted = wanted
+        self.wait_timeout = wait_timeout
+        super().__init__(
+            f"the database is at version {db_version} and this build needs {wanted}, but "
+            f"nothing migrated it within {wait_timeout:g} s (wait_timeout); this replica only "
+            "waits (apply=False). Run the migrations where they run (`bootmigrate up`: the "
+            "migration Job or release hook) and see why they did not: `bootmigrate status "
+            f"--collection {collection}`."
+        )
 
 
 class UnsupportedUpgrade(MigrationError):

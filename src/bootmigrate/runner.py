@@ -31,6 +31,7 @@ from .errors import (
     DatabaseUnavailable,
     InvalidMigrations,
     InvalidTarget,
+    NotMigrated,
     ahead_text,
 )
 from .lock import ControlLock, HeldLock, LockBusy
@@ -260,6 +261,15 @@ class _Missed(Exception):
         self.tried = tried
 
 
+class _NotYet(Exception):
+    """Wait-only: the database is not yet where this build needs it; look again after a nap."""
+
+    def __init__(self, control: Control, wanted: int) -> None:
+        super().__init__(f"the database is at version {control.version}, waiting for {wanted}")
+        self.control = control
+        self.wanted = wanted
+
+
 @dataclass(frozen=True)
 class _Held:
     """The lock is ours, and this is what to run under it."""
@@ -304,7 +314,7 @@ class Runner:
             self.settings.waiting,
             deadline,
             self.lock.collection,
-            again=(LockBusy, ConnectionFailure, TryAgain, _Missed),
+            again=(LockBusy, ConnectionFailure, TryAgain, _Missed, _NotYet),
             before_nap=self._before_nap,
         )
         try:
@@ -316,7 +326,7 @@ class Runner:
         except TimeoutError:
             # The deadline cut a read short (anyio's TimeoutError says nothing of its own).
             self._give_up(TimeoutError("no answer before the deadline"))
-        except (LockBusy, ConnectionFailure, TryAgain) as exc:
+        except (LockBusy, ConnectionFailure, TryAgain, _NotYet) as exc:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
@@ -357,6 +367,8 @@ class Runner:
             # holder from a live one takes watching it for a lease, which an up-to-date boot
             # must not pay. The next boot with work to do takes it over.
             return self._nothing_to_do(control, plan)
+        if not self.settings.apply:
+            self._wait_only(control, plan)
         if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
             with sorted_errors("create the control document (fresh='skip')"):
                 created = await self.lock.skip_fresh(plan.to_version, deadline)
@@ -388,6 +400,13 @@ class Runner:
                 return _Held(held, self._plan(held.control))
         self._tried = control
         raise _Missed(control)
+
+    def _wait_only(self, control: Control, plan: Plan) -> NoReturn:
+        """A wait-only call (``apply=False``) with work left: fail fast on a stuck lock (only
+        an operator can clear it), else wait for whoever migrates."""
+        if control.stuck:
+            raise ControlLocked("stuck", control, collection=self.lock.collection_name)
+        raise _NotYet(control, plan.to_version)
 
     def _check_writable(self, control: Control) -> None:
         """After a write that matched nothing, the next reading tells why: another process
@@ -615,13 +634,20 @@ class Runner:
 
     def _give_up(self, exc: BaseException) -> NoReturn:
         """The deadline passed: say why, as the error an operator can act on."""
-        last = exc.control if isinstance(exc, LockBusy) else self._last_seen
+        last = exc.control if isinstance(exc, (LockBusy, _NotYet)) else self._last_seen
         if last is not None and last.locked:
             raise ControlLocked(
                 "stuck" if last.stuck else "wait_timeout",
                 last,
                 collection=self.lock.collection_name,
                 wait_timeout=self.settings.wait_timeout,
+            )
+        if isinstance(exc, _NotYet):
+            raise NotMigrated(
+                db_version=exc.control.version,
+                wanted=exc.wanted,
+                wait_timeout=self.settings.wait_timeout,
+                collection=self.lock.collection_name,
             )
         raise DatabaseUnavailable(
             address=address_of(self.db),
@@ -658,6 +684,20 @@ class Runner:
                         lease,
                         self.settings.wait_timeout,
                     )
+        elif isinstance(exc, _NotYet):
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
+                c = exc.control
+                log.info(
+                    "waiting for the database to reach version %d (now %d, lock %s); this "
+                    "replica only waits (apply=False): another process runs the migrations",
+                    exc.wanted,
+                    c.version,
+                    f"held by {c.describe_owner()}" if c.locked else "free",
+                    extra=log_fields(
+                        "waiting", db_version=c.version, target_version=exc.wanted, apply=False
+                    ),
+                )
         elif isinstance(exc, _Missed):
             log.debug("%s; looking again", exc)
         else:
