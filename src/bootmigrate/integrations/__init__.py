@@ -7,6 +7,9 @@ from typing import Any
 
 from ..drivers import is_async_database
 from ..settings import Settings
+from .signals import StoppedBySignal
+
+__all__ = ["DatabaseOrFactory", "StoppedBySignal", "check_flags", "resolve_database", "settings_of"]
 
 DatabaseOrFactory = Any  # a motor/PyMongo async database, or a callable(app) returning one
 

@@ -46,7 +46,8 @@ def migrate_context(
 
     By default the startup awaits the migration; SIGTERM or SIGINT during it stops it at
     once with :class:`~.signals.StoppedBySignal` (or, under ``web.run_app``, which cancels
-    its startup itself, with the cancellation), logging why.
+    its startup itself, with the cancellation), logging why; only where the startup runs in
+    the main thread, the one Python lets set signal handlers.
     ``serve_while_migrating=True``: the app starts at once and the migration runs in a
     background task; :func:`readiness` answers 503 until it is done, and with the reason if
     it fails (the report is then ``app[BOOT].report``: a started app's items are frozen).

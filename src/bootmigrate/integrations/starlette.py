@@ -52,7 +52,9 @@ def migrate_lifespan(
     By default the startup awaits the migration, so the app serves only once migrated, and
     SIGTERM or SIGINT during it stops it at once (:func:`~.signals.until_signalled`; servers
     such as uvicorn would otherwise sit out the whole call): the startup fails with
-    :class:`~.signals.StoppedBySignal` and the server exits.
+    :class:`~.signals.StoppedBySignal` and the server exits. Only where the startup runs in
+    the main thread, the one Python lets set signal handlers (servers run it there; a test
+    client does not, and then only the server's own handling applies).
     ``serve_while_migrating=True``: the app starts at once and the migration runs in a
     background task; :func:`readiness` answers 503 until it is done, and with the reason if
     it fails. ``exit_on_failure=True`` then also stops the server on a failure (SIGTERM, so
