@@ -1,20 +1,19 @@
 """The example service, on aiohttp: the same customers API, migrated at boot by bootmigrate.
 
 Run one replica with ``PORT=8001 python -m examples.aiohttp_app`` (same environment as the
-FastAPI variant).
+FastAPI variant, MIGRATE_AT_BOOT included).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from bootmigrate.integrations.aiohttp import REPORT, migrate_context
+from bootmigrate.integrations.aiohttp import migrate_context, readiness
 from examples import settings
 
 DB = web.AppKey("db", object)
@@ -23,7 +22,8 @@ routes = web.RouteTableDef()
 
 
 def create_app(config: settings.Settings) -> web.Application:
-    """The service; its startup connects, then migrates, before any request is served."""
+    """The service; its startup connects, then migrates (before any request is served, or
+    meanwhile with MIGRATE_AT_BOOT=background)."""
 
     async def connect(app: web.Application) -> AsyncIterator[None]:
         client = config.client()
@@ -34,8 +34,12 @@ def create_app(config: settings.Settings) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
     app.cleanup_ctx.append(connect)
-    app.cleanup_ctx.append(migrate_context(lambda app: app[DB], config.migrations))
+    app.cleanup_ctx.append(
+        migrate_context(lambda app: app[DB], config.migrations, **config.boot_options)
+    )
     app.add_routes(routes)
+    # 200 with the migration report once migrated; 503 with the state and reason before.
+    app.router.add_get("/readyz", readiness)
     return app
 
 
@@ -70,18 +74,9 @@ async def get_customer(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-@routes.get("/readyz")
-async def readyz(request: web.Request) -> web.Response:
+    """The process is up (a liveness probe), whether or not it is migrated."""
     return web.json_response(
-        {
-            "status": "ready",
-            "replica": request.app[CONFIG].replica,
-            "pid": os.getpid(),
-            "migrations": asdict(request.app[REPORT]),
-        }
+        {"status": "ok", "replica": request.app[CONFIG].replica, "pid": os.getpid()}
     )
 
 

@@ -189,21 +189,30 @@ def seed(uri: str, count: int) -> None:
 
 
 def ready(port: int, process: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
-    """Poll a replica's /readyz until it answers (it answers only once migrated)."""
+    """Poll a replica's /readyz until it answers 200 (once migrated): which replica it is
+    (from /healthz) and what its migration did."""
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             raise SystemExit(f"the replica on port {port} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-                found: dict[str, Any] = json.load(reply)
-                return found
+        try:  # /readyz answers 503 (an HTTPError, an OSError) until migrated
+            readiness = get_json(f"http://127.0.0.1:{port}/readyz")
+            return {
+                **get_json(f"http://127.0.0.1:{port}/healthz"),
+                "migrations": readiness["report"],
+            }
         except OSError:
             if time.monotonic() > deadline:
                 raise SystemExit(
                     f"the replica on port {port} was not ready in {timeout} s"
                 ) from None
             time.sleep(0.1)
+
+
+def get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=2) as reply:
+        found: dict[str, Any] = json.load(reply)
+        return found
 
 
 def summarise(reports: list[dict[str, Any]], ports: list[int]) -> int:

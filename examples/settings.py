@@ -11,6 +11,16 @@ from typing import Any
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
+# MIGRATE_AT_BOOT: how a replica deals with migrations at boot, as the integration's options.
+MODES: dict[str, dict[str, Any]] = {
+    # Migrate in the startup (or wait for the replica that does); listen once migrated.
+    "apply": {},
+    # Only wait until something else (a Job, a Helm hook) has migrated; never take the lock.
+    "wait": {"apply": False},
+    # Listen at once; migrate in a background task; /readyz answers 503 until done.
+    "background": {"serve_while_migrating": True},
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -20,6 +30,18 @@ class Settings:
     replica: str
     port: int
     driver: str = "pymongo"
+    migrate_at_boot: str = "apply"
+
+    def __post_init__(self) -> None:
+        if self.migrate_at_boot not in MODES:
+            raise ValueError(
+                f"MIGRATE_AT_BOOT must be one of {', '.join(MODES)}, got {self.migrate_at_boot!r}"
+            )
+
+    @property
+    def boot_options(self) -> dict[str, Any]:
+        """The integration's options for MIGRATE_AT_BOOT."""
+        return dict(MODES[self.migrate_at_boot])
 
     def client(self) -> Any:
         """A client of the configured async driver: bootmigrate works with either."""
@@ -40,6 +62,7 @@ def load() -> Settings:
         replica=os.environ.get("REPLICA", socket.gethostname()),
         port=int(os.environ.get("PORT", "8000")),
         driver=os.environ.get("MONGODB_DRIVER", "pymongo"),
+        migrate_at_boot=os.environ.get("MIGRATE_AT_BOOT", "apply"),
     )
 
 

@@ -228,7 +228,7 @@ async def test_a_down_cancelled_inside_is_not_stepped_over(db: Any, transactiona
     await migrate(db, migrations)
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: migrate(db, migrations, target=1))
+            tasks.start_soon(lambda: migrate(db, migrations, target=1, shutdown_grace=0))
             await entered.wait()
             scope.cancel()
     doc = await control(db)

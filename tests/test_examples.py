@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from starlette.testclient import TestClient
 
 from bootmigrate import migrate
 from examples import aiohttp_app, fastapi_app
-from examples.settings import MIGRATIONS, Settings
+from examples.settings import MIGRATIONS, Settings, load
 from tests.clients import open_client
+from tests.polling import wait_for, wait_until
 
 OLD_SHAPE = [
     {
@@ -67,14 +69,15 @@ def test_fastapi_example_migrates_then_serves(config: Settings, sync_db: Any) ->
         )
         found = client.get("/customers/new@example.com")
         missing = client.get("/customers/nobody@example.com")
-        health = client.get("/healthz")
+        health = client.get("/healthz").json()
 
-    assert ready["migrations"]["applied"] == [1, 2, 3, 4]
-    assert (ready["status"], ready["replica"]) == ("ready", "test-1")
+    assert ready["report"]["applied"] == [1, 2, 3, 4]
+    assert (ready["ready"], ready["state"]) == (True, "ready")
+    assert (health["status"], health["replica"]) == ("ok", "test-1")
     assert created.status_code == 201 and created.json()["display_name"] == "Grace Hopper"
     assert duplicate.status_code == 409  # the unique index from migration 1
     assert found.json()["first_name"] == "Grace"
-    assert (missing.status_code, health.json()) == (404, {"status": "ok"})
+    assert missing.status_code == 404
     assert_migrated(sync_db)
 
 
@@ -91,7 +94,7 @@ async def test_aiohttp_example_migrates_then_serves(config: Settings, sync_db: A
         )
         found = await (await client.get("/customers/new@example.com")).json()
 
-    assert ready["migrations"]["applied"] == [1, 2, 3, 4]
+    assert ready["report"]["applied"] == [1, 2, 3, 4]
     assert created.status == 201 and duplicate.status == 409
     assert found["display_name"] == "Grace Hopper"
     assert_migrated(sync_db)
@@ -123,3 +126,64 @@ async def test_the_backfill_is_safe_to_rerun(config: Settings, sync_db: Any, dri
 
     assert report.applied == [2]
     assert sync_db.customers.find_one({"email": "c3@example.com"})["display_name"] == "Ada3 Byron"
+
+
+def test_migrate_at_boot_background_serves_at_once_and_is_ready_once_migrated(
+    config: Settings, sync_db: Any
+) -> None:
+    app = fastapi_app.create_app(replace(config, migrate_at_boot="background"))
+
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        wait_until(lambda: client.get("/readyz").status_code == 200, 60, "readiness")
+        ready = client.get("/readyz").json()
+
+    assert ready["report"]["applied"] == [1, 2, 3, 4]
+    assert_migrated(sync_db)
+
+
+@pytest.mark.anyio
+async def test_migrate_at_boot_wait_only_waits_for_a_database_migrated_elsewhere(
+    config: Settings, sync_db: Any, driver: str
+) -> None:
+    async with open_client(driver, config.mongodb_uri) as client:  # the Job or the Helm hook
+        await migrate(client[config.database], Path(config.migrations))
+    before = sync_db.migrations.find_one({"_id": "control"})
+    app = aiohttp_app.create_app(replace(config, migrate_at_boot="wait"))
+
+    async with AiohttpClient(TestServer(app)) as client:
+        answer = await client.get("/readyz")
+        ready = await answer.json()
+
+    assert answer.status == 200
+    assert (ready["report"]["applied"], ready["report"]["holder"]) == ([], False)
+    assert sync_db.migrations.find_one({"_id": "control"}) == before  # nothing written
+
+
+@pytest.mark.anyio
+async def test_migrate_at_boot_background_on_aiohttp(config: Settings, sync_db: Any) -> None:
+    app = aiohttp_app.create_app(replace(config, migrate_at_boot="background"))
+
+    async with AiohttpClient(TestServer(app)) as client:
+        assert (await client.get("/healthz")).status == 200
+
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status == 200
+
+        await wait_for(ready, within=60, what="readiness")
+
+    assert_migrated(sync_db)
+
+
+def test_migrate_at_boot_is_read_from_the_environment_and_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MIGRATE_AT_BOOT", "background")
+    assert load().boot_options == {"serve_while_migrating": True}
+    monkeypatch.setenv("MIGRATE_AT_BOOT", "wait")
+    assert load().boot_options == {"apply": False}
+    monkeypatch.delenv("MIGRATE_AT_BOOT")
+    assert load().boot_options == {}
+    monkeypatch.setenv("MIGRATE_AT_BOOT", "later")
+    with pytest.raises(ValueError, match="MIGRATE_AT_BOOT must be one of apply, wait, background"):
+        load()

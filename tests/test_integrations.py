@@ -1,11 +1,16 @@
-"""The framework helpers, driven by each framework's own test client, on both drivers."""
+"""The framework helpers, driven by each framework's own test client, on both drivers: the
+blocking startup, serving while migrating, the readiness handlers. Real server processes
+stopped by real signals are in test_shutdown.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient as AiohttpClient
@@ -13,11 +18,13 @@ from aiohttp.test_utils import TestServer
 from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
-from bootmigrate import ControlLocked, MigrationReport
-from bootmigrate.integrations.aiohttp import REPORT, migrate_context
-from bootmigrate.integrations.fastapi import migrate_lifespan
+from bootmigrate import ControlLocked, Migration, MigrationFailed, MigrationReport
+from bootmigrate.integrations.aiohttp import BOOT, REPORT, migrate_context
+from bootmigrate.integrations.aiohttp import readiness as aiohttp_readiness
+from bootmigrate.integrations.fastapi import migrate_lifespan, readiness
 from tests.clients import close_client, make_client
-from tests.in_process import recorders
+from tests.in_process import recorder, recorders
+from tests.polling import wait_for, wait_until
 
 
 def fastapi_app(driver: str, uri: str, db_name: str, **options: Any) -> FastAPI:
@@ -118,3 +125,220 @@ async def test_aiohttp_cleanup_ctx_migrates_before_serving(
         assert sync_db.ran.count_documents({}) == 3
         response = await client.get("/report")
         assert await response.json() == {"applied": [1, 2, 3], "holder": True}
+
+
+# Serving while migrating, readiness, and the options' checks.
+
+
+def gate() -> tuple[threading.Event, threading.Event, Callable[[], Awaitable[None]]]:
+    """A migration's ``before`` hook that says it started and waits for the test's release.
+    Thread events: a test client runs the app's loop in a thread of its own."""
+    started, release = threading.Event(), threading.Event()
+
+    async def hook() -> None:
+        started.set()
+        await anyio.to_thread.run_sync(release.wait, abandon_on_cancel=True)
+
+    return started, release, hook
+
+
+def serving_app(driver: str, uri: str, db_name: str, migrations: Any, **options: Any) -> FastAPI:
+    @asynccontextmanager
+    async def own_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.client = make_client(driver, uri)
+        yield
+        await close_client(app.state.client)
+
+    app = FastAPI(
+        lifespan=migrate_lifespan(
+            lambda app: app.state.client[db_name], migrations, lifespan=own_lifespan, **options
+        )
+    )
+    app.add_route("/readyz", readiness)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def test_fastapi_serves_while_migrating_and_is_ready_once_migrated(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    started, release, hook = gate()
+    migrations = [recorder(1), recorder(2, before=hook)]
+    app = serving_app(driver, mongo_uri, db_name, migrations, serve_while_migrating=True)
+
+    with TestClient(app) as client:
+        wait_until(started.is_set, 20, "migration 2 to start")
+        live, unready = client.get("/healthz"), client.get("/readyz")
+        release.set()
+        wait_until(lambda: client.get("/readyz").status_code == 200, 20, "readiness")
+        ready = client.get("/readyz").json()
+
+    assert live.status_code == 200  # served while the migration ran
+    assert unready.status_code == 503
+    assert unready.json()["state"] == "migrating" and unready.json()["ready"] is False
+    assert "migrating at startup for" in unready.json()["reason"]
+    assert ready["ready"] is True and ready["report"]["applied"] == [1, 2]
+    assert app.state.migrations.applied == [1, 2]  # the report, as in the blocking mode
+    assert app.state.bootmigrate.state == "ready"
+
+
+def test_a_failure_while_serving_fails_readiness_with_an_operators_reason(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    async def broken(db: Any) -> None:
+        raise RuntimeError("index build failed: duplicate key")
+
+    migrations = [recorder(1), Migration(version=2, up=broken, name="unique_email")]
+    app = serving_app(driver, mongo_uri, db_name, migrations, serve_while_migrating=True)
+
+    with TestClient(app) as client:
+        wait_until(lambda: app.state.bootmigrate.state == "failed", 20, "the failure")
+        answer = client.get("/readyz")
+        live = client.get("/healthz")
+
+    body = answer.json()
+    assert (answer.status_code, body["ready"], body["state"]) == (503, False, "failed")
+    assert "0002 unique_email" in body["reason"] and "bootmigrate unlock" in body["reason"]
+    assert "\n" not in body["reason"]
+    assert live.status_code == 200
+    assert isinstance(app.state.bootmigrate.error, MigrationFailed)
+
+
+def test_exit_on_failure_signals_nothing_where_no_server_handles_sigterm(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any, bootmigrate_log: Any
+) -> None:
+    # A test client in a test run: stopping "the server" would mean killing the test runner.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    migrations = [Migration(version=1, up=failing, name="broken")]
+    app = serving_app(
+        driver, mongo_uri, db_name, migrations, serve_while_migrating=True, exit_on_failure=True
+    )
+
+    with TestClient(app):
+        wait_until(lambda: app.state.bootmigrate.state == "failed", 20, "the failure")
+
+    assert bootmigrate_log.has("exit_on_failure: not stopping this process")
+
+
+def test_the_apps_shutdown_cancels_a_migration_still_running_in_the_background(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    started, release, hook = gate()
+    migrations = [recorder(1), recorder(2, before=hook)]
+    app = serving_app(
+        driver, mongo_uri, db_name, migrations, serve_while_migrating=True, shutdown_grace=0.2
+    )
+
+    try:
+        with TestClient(app):
+            wait_until(started.is_set, 20, "migration 2 to start")
+    finally:
+        release.set()  # the abandoned thread may end
+
+    found = sync_db.migrations.find_one({"_id": "control"})
+    assert (found["locked"], found["version"]) == (True, 1)
+    assert found["failure"]["kind"] == "interrupted"  # past its grace, not safe to re-run
+    assert app.state.bootmigrate.state == "failed"
+    assert "stopped: the app shut down" in app.state.bootmigrate.reason
+
+
+def test_readiness_answers_200_in_the_blocking_mode_and_503_without_the_integration(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    app = serving_app(driver, mongo_uri, db_name, recorders(1))
+    bare = FastAPI()
+    bare.add_route("/readyz", readiness)
+
+    with TestClient(app) as client:
+        ready = client.get("/readyz")
+    with TestClient(bare) as client:
+        missing = client.get("/readyz")
+
+    assert ready.status_code == 200
+    assert ready.json()["report"]["applied"] == [1] and ready.json()["state"] == "ready"
+    assert missing.status_code == 503 and "no bootmigrate integration" in missing.json()["reason"]
+
+
+@pytest.mark.anyio
+async def test_aiohttp_serves_while_migrating_and_is_ready_once_migrated(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    migrated = anyio.Event()
+
+    async def wait_for_test() -> None:
+        await migrated.wait()
+
+    client_key = web.AppKey("client", object)
+
+    async def own_client(app: web.Application) -> AsyncIterator[None]:
+        app[client_key] = make_client(driver, mongo_uri)
+        yield
+        await close_client(app[client_key])
+
+    app = web.Application()
+    app.cleanup_ctx.append(own_client)
+    app.cleanup_ctx.append(
+        migrate_context(
+            lambda app: app[client_key][db_name],  # type: ignore[index]
+            [recorder(1), recorder(2, before=wait_for_test)],
+            serve_while_migrating=True,
+        )
+    )
+    app.router.add_get("/readyz", aiohttp_readiness)
+
+    async with AiohttpClient(TestServer(app)) as client:
+        unready = await client.get("/readyz")
+        unready_body = await unready.json()
+        migrated.set()
+        await wait_for(
+            lambda: app[BOOT].state == "ready", within=20, what="the background migration"
+        )
+        ready = await client.get("/readyz")
+        ready_body = await ready.json()
+
+    assert unready.status == 503 and unready_body["state"] == "migrating"
+    assert ready.status == 200 and ready_body["report"]["applied"] == [1, 2]
+    assert app[BOOT].report is not None and app[BOOT].report.applied == [1, 2]
+    assert REPORT not in app  # a started app's items are frozen: the report is on app[BOOT]
+
+
+@pytest.mark.anyio
+async def test_aiohttp_readiness_in_the_blocking_mode(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    client_key = web.AppKey("client", object)
+
+    async def own_client(app: web.Application) -> AsyncIterator[None]:
+        app[client_key] = make_client(driver, mongo_uri)
+        yield
+        await close_client(app[client_key])
+
+    app = web.Application()
+    app.cleanup_ctx.append(own_client)
+    app.cleanup_ctx.append(
+        migrate_context(lambda app: app[client_key][db_name], recorders(1))  # type: ignore[index]
+    )
+    app.router.add_get("/readyz", aiohttp_readiness)
+
+    async with AiohttpClient(TestServer(app)) as client:
+        answer = await client.get("/readyz")
+        body = await answer.json()
+
+    assert answer.status == 200 and body["report"]["applied"] == [1]
+    assert app[REPORT].applied == [1]
+
+
+@pytest.mark.parametrize("flag", ["serve_while_migrating", "exit_on_failure"])
+def test_the_integrations_switches_are_checked_when_the_app_is_built(flag: str) -> None:
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        migrate_lifespan(object(), recorders(1), **{flag: "false"})
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        migrate_context(object(), recorders(1), **{flag: 1})
+
+
+async def failing(db: Any) -> None:
+    raise RuntimeError("boom")

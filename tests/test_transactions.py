@@ -70,7 +70,9 @@ async def test_cancelled_inside_a_transaction_releases_with_nothing_written(db: 
     started = anyio.Event()
     with anyio.fail_after(20), anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: migrate(db, [transactional(1, started=started)]))
+            tasks.start_soon(
+                lambda: migrate(db, [transactional(1, started=started)], shutdown_grace=0)
+            )
             await started.wait()
             scope.cancel()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,9 @@ class MigrationReport:
     holder: bool = False
     ahead: bool = False
     exit_requested: bool = False
+
+
+def log_fields(event: str, **fields: Any) -> dict[str, Any]:
+    """Structured attributes for a log record made outside a ``migrate()`` call (the
+    integrations' own): ``event`` names it for log shippers, as an event's record does."""
+    return {"event": event, **fields}

@@ -1,5 +1,5 @@
 """FastAPI lifespan: FastAPI apps are Starlette apps, so this is the Starlette helper."""
 
-from .starlette import Lifespan, migrate_lifespan
+from .starlette import BOOT_STATE, BootMigration, Lifespan, migrate_lifespan, readiness
 
-__all__ = ["Lifespan", "migrate_lifespan"]
+__all__ = ["BOOT_STATE", "BootMigration", "Lifespan", "migrate_lifespan", "readiness"]

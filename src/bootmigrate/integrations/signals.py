@@ -1,0 +1,135 @@
+"""SIGTERM and SIGINT during a framework's startup, and stopping a server on purpose.
+
+uvicorn (alone, or as gunicorn's ``UvicornWorker``) only notes a SIGTERM that arrives while
+the lifespan startup runs: it sets ``should_exit`` and acts on it once the startup is over,
+which may be ``wait_timeout`` (300 s) later if the startup is waiting on a lock or an
+unreachable database. aiohttp's ``web.run_app`` does cancel its startup, but without a word.
+:func:`until_signalled` makes the ``migrate()`` call itself stop at the signal, in every
+server, and say why; :func:`stop_server` is how ``exit_on_failure`` stops one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any, TypeVar
+
+import anyio
+
+from ..report import log_fields
+
+log = logging.getLogger("bootmigrate")
+
+T = TypeVar("T")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StoppedBySignal(Exception):
+    """The process was told to stop (SIGTERM, SIGINT) while its startup was migrating.
+
+    ``migrate()`` was cancelled and left the lock as cancellation does (a waiter wrote
+    nothing; a holder released it, or recorded the migration it was inside); the app did not
+    start. Raised instead of letting the server serve after its startup, or sit in it."""
+
+    def __init__(self, signal_name: str, seconds: float) -> None:
+        self.signal_name = signal_name
+        self.seconds = seconds
+        super().__init__(
+            f"stopped by {signal_name} while migrating at startup (after {seconds:.1f} s): "
+            "migrate() was cancelled and the app was not started"
+        )
+
+
+async def until_signalled(call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()``, cancelled when SIGTERM or SIGINT arrives; then :class:`StoppedBySignal`.
+
+    The handler that was installed before (the server's) is called first, so the server
+    still learns that it must exit; the previous handlers are back when this returns. A
+    signal the process ignores (``SIG_IGN``) stays ignored. Python lets only the main thread
+    set signal handlers: in any other thread (a test client's portal, for one) this only
+    awaits ``call()``, and the server's own handling is all there is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return await call()
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+    started = time.monotonic()
+    stopped: StoppedBySignal | None = None
+    with anyio.CancelScope() as scope:
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            received.append(signum)
+            # A signal handler runs between two bytecodes of the main thread, maybe inside
+            # the event loop itself: the cancellation is handed to the loop, not done here.
+            loop.call_soon_threadsafe(scope.cancel)
+            previous = replaced.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+
+        replaced = _install(handle)
+        try:
+            return await call()
+        except BaseException:
+            if received:
+                # Said here, as the server may also cancel this task (aiohttp's run_app does)
+                # and end the process without a word.
+                stopped = StoppedBySignal(
+                    signal.Signals(received[0]).name, time.monotonic() - started
+                )
+                log.warning(str(stopped), extra=log_fields("stopped_by_signal"))
+            raise
+        finally:
+            for signum, previous in replaced.items():
+                signal.signal(signum, previous)
+    # Only reached when the scope swallowed its own cancellation, which a signal asked for.
+    assert stopped is not None
+    raise stopped
+
+
+def _install(handler: Callable[[int, FrameType | None], None]) -> dict[int, Any]:
+    """Put ``handler`` on each of :data:`SIGNALS`; the handlers it replaced, to restore."""
+    replaced: dict[int, Any] = {}
+    for signum in SIGNALS:
+        previous = signal.getsignal(signum)
+        # Ignored on purpose (nohup, a shell's background job): not ours to change. None: set
+        # outside Python, so it could not be put back.
+        if previous is signal.SIG_IGN or previous is None:
+            continue
+        replaced[signum] = signal.signal(signum, handler)
+    return replaced
+
+
+def stop_server(reason: str) -> bool:
+    """Ask the server this process runs in to shut down, as on ``kill -TERM``: it stops
+    accepting, finishes its requests, runs the app's shutdown and exits.
+
+    A signal rather than an exception or an exit: the signal is the one way in that every
+    server offers for its own clean shutdown (uvicorn, gunicorn, aiohttp's ``run_app``,
+    hypercorn), and a request being answered is not cut off. Under gunicorn the master is
+    signalled, not the worker: the master would start a new worker, which would fail the same
+    way, forever. A process with no handler for SIGTERM (a test client in a test run) is not
+    one a server drives: nothing is signalled then, and ``False`` returned.
+    """
+    if os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
+        target, whom = os.getppid(), "the gunicorn master"
+    elif callable(signal.getsignal(signal.SIGTERM)):
+        target, whom = os.getpid(), "this process"
+    else:
+        log.error(
+            f"exit_on_failure: not stopping this process, no server in it handles SIGTERM "
+            f"({reason})",
+            extra=log_fields("stop_skipped"),
+        )
+        return False
+    log.error(
+        f"exit_on_failure: stopping the server: SIGTERM to {whom} (pid {target}): {reason}",
+        extra=log_fields("stopping_server", pid=target),
+    )
+    os.kill(target, signal.SIGTERM)
+    return True
