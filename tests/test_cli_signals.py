@@ -72,3 +72,24 @@ def test_sigterm_stops_wait_at_once_writing_nothing(
 
     assert waiting.returncode == 143, err
     assert sync_db.list_collection_names() == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_during_the_grace_is_answered_not_obeyed(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, signum: signal.Signals
+) -> None:
+    cli = Cli.for_replicas(Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path, 3)))
+    up = start(cli, "up", "--shutdown-grace", "1", "-v", BM_BLOCK_AT="2")
+    try:
+        wait_until(lambda: sync_db.ran.find_one({"version": 2}), 30, "up to enter migration 2")
+        up.send_signal(signum)
+        read_until(up, "asked to stop while a migration runs")
+        up.send_signal(signum)  # Ctrl-C again, or a supervisor's second SIGTERM
+        read_until(up, "already stopping")
+        _, err = up.communicate(timeout=30)
+    finally:
+        up.kill()
+
+    assert up.returncode == 128 + signum, err
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["failure"]["kind"], control["failure"]["version"]) == ("interrupted", 2)

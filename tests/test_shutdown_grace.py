@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from pymongo.errors import OperationFailure
 
 from bootmigrate import ControlLocked, Migration, migrate
 from tests.in_process import control, history, ran, recorder
@@ -141,3 +142,29 @@ async def test_a_transaction_past_its_grace_is_aborted_and_released_for_a_rerun(
     assert doc is not None
     assert (doc["locked"], doc["version"]) == (False, 0)
     assert await db.moved.count_documents({}) == 0  # its writes were never committed
+
+
+async def test_the_grace_also_ends_a_transaction_run_again_after_the_stop(db: Any) -> None:
+    tries = 0
+    scope = anyio.CancelScope()
+
+    async def up(db: Any, ctx: Any) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            scope.cancel()  # asked to stop; then this try meets a transient error
+            raise OperationFailure(
+                "WriteConflict", code=112, details={"errorLabels": ["TransientTransactionError"]}
+            )
+        await db.moved.insert_one({"moved": True}, session=ctx.session)
+        await anyio.sleep_forever()  # the next try would never end by itself
+
+    migration = Migration(version=1, up=up, name="move", transactional=True)
+    with anyio.fail_after(20), scope:
+        await migrate(db, [migration], shutdown_grace=0.3)
+
+    assert scope.cancelled_caught and tries == 2
+    doc = await control(db)
+    assert doc is not None
+    assert (doc["locked"], doc["version"]) == (False, 0)  # released for a re-run
+    assert await db.moved.count_documents({}) == 0

@@ -50,6 +50,16 @@ async def test_a_wait_only_call_fails_fast_on_a_stuck_lock(db: Any) -> None:
     assert await control(db) == FAILED
 
 
+async def test_a_wait_only_call_leaves_a_rerun_asked_in_the_environment_to_the_migrator(
+    db: Any, monkeypatch: pytest.MonkeyPatch, bootmigrate_log: Any
+) -> None:
+    await migrate(db, recorders(1, 2))
+    monkeypatch.setenv("MIGRATION_VERSION", "2,rerun")  # the Job's environment, shared
+    report = await migrate(db, recorders(1, 2), apply=False, wait_timeout=5)
+    assert (report.to_version, report.applied) == (2, [])
+    assert bootmigrate_log.has("the process that migrates carries out")
+
+
 async def test_wait_only_refuses_a_rerun() -> None:
     with pytest.raises(ValueError, match="rerun cannot be combined with apply=False"):
         await migrate(object(), recorders(1), apply=False, rerun=1)

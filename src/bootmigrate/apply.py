@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,8 +121,12 @@ class Applier:
         self.migration_timeout = migration_timeout
         self.events = held.events
         self.shutdown_grace = shutdown_grace
-        # The scope of the migration running now, for the grace to cancel once it runs out.
+        # The scope of the migration running now, and once the call is asked to stop, when
+        # the grace ends (anyio's clock): every try of the migration from then on is cut off
+        # at that time, a transaction's retries included.
         self._migration: anyio.CancelScope | None = None
+        self._cut_at = math.inf
+        self._inside = False
 
     async def apply(self, plan: Plan, waited: float) -> MigrationReport:
         """Run ``plan`` with the heartbeat going all along; release at the end.
@@ -132,6 +137,8 @@ class Applier:
         cancelled and recorded). The heartbeat goes on meanwhile, so the lock stays ours for
         as long as the grace lasts. The cancellation is raised once the lock is left."""
         stop = anyio.Event()
+        if anyio.current_effective_deadline() == -math.inf:
+            stop.set()  # cancelled already (while the lock was being taken): not one step
         report: MigrationReport | None = None
         error: Exception | None = None
         async with anyio.create_task_group() as watch:
@@ -193,31 +200,38 @@ class Applier:
                 if stop.is_set():
                     raise _Stopped
                 await self.held.start(step.running(), step.unfinished())
-                if stop.is_set():  # asked while naming it: still between two migrations
+                if stop.is_set():  # asked while naming it: it never ran
+                    await self.held.release("cancelled", unname=not self._resumes(step))
                     raise _Stopped
                 await self._run_step(step, state)
             await self.held.release()
         except _Stopped:
-            if not state.inside:  # inside one, its end was recorded where it stopped
+            if not state.inside and not self.held.released:
+                # Inside one, its end was recorded where it stopped.
                 await self.held.release("cancelled")
             raise
 
+    def _resumes(self, step: Step) -> bool:
+        """Whether ``step`` was already unfinished when the lock was taken (an interrupted
+        or failed step this call resumes): then its name stays, stopped or not."""
+        before = self.held.control.unfinished_step
+        return before is not None and step.is_step(before)
+
     async def _cut_off_after_grace(self, stop: anyio.Event) -> None:
-        """Once the call is asked to stop: leave the running migration (if any) the grace to
-        finish, then cancel it."""
+        """Once the call is asked to stop: the migration running (if any) has the grace to
+        finish; then it, and any try of it still to come, is cancelled."""
         await stop.wait()
-        if self._migration is None:
-            return  # between migrations: the loop stops at its next step
-        self.events.emit(
-            "stop_requested",
-            "asked to stop while a migration runs: it has %g s (shutdown_grace) to finish",
-            self.shutdown_grace,
-            level=logging.WARNING,
-            shutdown_grace_s=self.shutdown_grace,
-        )
-        await anyio.sleep(self.shutdown_grace)
+        self._cut_at = anyio.current_time() + self.shutdown_grace
         if self._migration is not None:
-            self._migration.cancel()
+            self._migration.deadline = self._cut_at
+        if self._inside:  # between migrations the loop stops at its next step
+            self.events.emit(
+                "stop_requested",
+                "asked to stop while a migration runs: it has %g s (shutdown_grace) to finish",
+                self.shutdown_grace,
+                level=logging.WARNING,
+                shutdown_grace_s=self.shutdown_grace,
+            )
 
     async def _run_step(self, step: Step, state: _Progress) -> None:
         migration = step.migration
@@ -232,6 +246,7 @@ class Applier:
             db_version=step.version_before,
         )
         state.inside = True  # stays set if the step is stopped: it is then handled here
+        self._inside = True
         try:
             if migration.transactional:
                 await self._run_in_transaction(run)
@@ -258,7 +273,7 @@ class Applier:
                 db_version=step.version_before,
                 error=f"{type(exc).__name__}: {exc}",
             ) from exc
-        state.inside = False
+        state.inside = self._inside = False
         duration = run.duration()
         if not migration.transactional:  # a transaction committed these with the migration
             await self.held.advance(step.version_after)
@@ -346,7 +361,10 @@ class Applier:
             timeout = min(timeout or limit, limit)
         scope: anyio.CancelScope | None = None
         try:
-            with anyio.CancelScope() as stoppable, anyio.fail_after(timeout) as scope:
+            with (
+                anyio.CancelScope(deadline=self._cut_at) as stoppable,
+                anyio.fail_after(timeout) as scope,
+            ):
                 self._migration = stoppable
                 try:
                     result = await self._invoke(step, session)

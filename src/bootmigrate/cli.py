@@ -158,40 +158,53 @@ class Session:
 
 
 async def until_signalled(work: Callable[[], Awaitable[T]]) -> T:
-    """``await work()``, cancelled by SIGTERM or SIGINT (then a :class:`Failure` exiting 128 +
-    the signal's number). In a container the command is often process 1, which the kernel
-    gives no default action for SIGTERM: without this, it would run on until SIGKILL."""
+    """``await work()``, stopped by SIGTERM or SIGINT (then a :class:`Failure` exiting 128 +
+    the signal's number, unless the work finished all the same, within its grace).
+
+    In a container the command is often process 1, which the kernel gives no default action
+    for SIGTERM: without this it would run on until SIGKILL. A second signal while the first
+    is being honoured (a migration using its grace) is answered with a line, not obeyed:
+    the default action would kill the process with the lock held and nothing recorded."""
     outcome: list[T] = []
     failure: list[Exception] = []
     received: list[int] = []
+    work_scope = anyio.CancelScope()
 
     async def run() -> None:
         try:
-            outcome.append(await work())
+            with work_scope:
+                outcome.append(await work())
         except Exception as exc:  # raised below, as is
             failure.append(exc)
-        group.cancel_scope.cancel()  # the signal watcher too
+        finally:
+            group.cancel_scope.cancel()  # the signal watcher
 
     async def watch() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for number in signals:
+                if received:
+                    click.echo(
+                        f"already stopping ({signal.Signals(received[0]).name}); a running "
+                        "migration is using its shutdown grace (SIGKILL stops at once, "
+                        "leaving the lock as a killed process does)",
+                        err=True,
+                    )
+                    continue
                 received.append(number)
-                group.cancel_scope.cancel()
-                return
+                work_scope.cancel()
 
     async with anyio.create_task_group() as group:
         group.start_soon(watch)
         group.start_soon(run)
-    if received:
-        name = signal.Signals(received[0]).name
-        raise Failure(
-            f"stopped by {name}: a migration that was running had shutdown_grace to finish; "
-            "`bootmigrate status` shows what was left",
-            128 + received[0],
-        )
     if failure:
         raise failure[0]
-    return outcome[0]
+    if outcome:
+        return outcome[0]
+    name = signal.Signals(received[0]).name if received else "a signal"
+    raise Failure(
+        f"stopped by {name}; `bootmigrate status` shows the state it left",
+        128 + (received[0] if received else signal.SIGTERM),
+    )
 
 
 def _json_default(value: Any) -> Any:

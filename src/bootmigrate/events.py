@@ -44,6 +44,7 @@ EventName = Literal[
     "acquire_missed",
     "wait_done",
     "rerun_already_done",
+    "rerun_left_to_migrator",
     # the lock
     "server_detected",
     "server_warning",

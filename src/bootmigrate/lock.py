@@ -481,6 +481,7 @@ class HeldLock:
         self.token = control.token
         self.acquisition = control.acquisition
         self.lost = False
+        self.released = False
         # Held by a heartbeat in flight and by a transaction for its whole life: a beat landing
         # inside a transaction's snapshot would make the transaction's own write to the control
         # document conflict (WriteConflict), so the two never overlap.
@@ -535,20 +536,23 @@ class HeldLock:
         doc = await self.write(lambda: self._fenced(_BEAT))
         return doc is not None and doc.get("version") == version and doc.get("running") is None
 
-    async def release(self, reason: ReleaseReason = "done") -> None:
+    async def release(self, reason: ReleaseReason = "done", *, unname: bool = False) -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing. A
         re-sent release that finds the lock already released by its first try (whose reply
         was lost) or since acquired by another process is done, not lost. ``reason`` says
-        why, in the ``released`` event."""
+        why, in the ``released`` event. ``unname``: the step just named never ran, so its
+        ``unfinished`` name goes too (otherwise it outlives the release, by design)."""
         sent = False
+        update = _RELEASED_UNNAMED if unname else _RELEASED
 
         async def release_once() -> dict[str, Any] | None:
             nonlocal sent
             done_if = self._released_since() if sent else None
             sent = True
-            return await self._fenced(_RELEASED, done_if=done_if)
+            return await self._fenced(update, done_if=done_if)
 
         doc = await self.write(release_once)
+        self.released = True
         version = doc.get("version") if doc is not None else None
         template, level = _RELEASE_LINES[reason]
         self.events.emit(
@@ -808,6 +812,10 @@ _RELEASE_LINES: dict[ReleaseReason, tuple[str, int]] = {
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
 # `unfinished` stays too: a step that did not complete is still unfinished after a release.
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
+_RELEASED_UNNAMED = {
+    "$set": {"locked": False},
+    "$unset": {**{name: "" for name in HELD_FIELDS}, "unfinished": ""},
+}
 
 # What every write that proves the holder alive adds: waiters judge liveness by `beats` alone.
 _BEAT: dict[str, Any] = {"$inc": {"beats": 1}, "$currentDate": {"heartbeat": True}}

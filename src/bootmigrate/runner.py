@@ -230,6 +230,17 @@ async def _migrate(
     if settings.target == "latest" and settings.rerun is None:
         request = parse_version_request(raw_request)
     known = load_migrations(migrations)
+    if request is not None and request.rerun is not None and not settings.apply:
+        # The environment a Job and its wait-only app pods share: the rerun is the Job's.
+        events.emit(
+            "rerun_left_to_migrator",
+            "%s=%r asks for a rerun, which the process that migrates carries out; this "
+            "wait-only call (apply=False) waits for the database as usual",
+            ENV_VAR,
+            raw_request,
+            migration_version=request.rerun,
+        )
+        request = replace(request, rerun=None)
     if request is not None:
         try:
             resolve_target(request.rerun if request.rerun is not None else request.target, known)
@@ -384,6 +395,7 @@ class Runner:
         self._pacer = LookPacer()
         self._tried: Control | None = None  # the document of the last write that missed
         self._unmatched: _Unmatched | None = None
+        self._taken: HeldLock | None = None  # taken, and not yet handed to the apply loop
         self.events = lock.events
 
     async def run(self, deadline: Deadline | None = None) -> MigrationReport:
@@ -398,7 +410,7 @@ class Runner:
             before_nap=self._before_nap,
         )
         try:
-            settled = await waiter.until_settled(lambda: self._attempt(deadline))
+            settled = await self._settle(waiter, deadline)
         except _Missed as exc:
             if self._unmatched is not None:  # the deadline came before it could be confirmed
                 raise self._not_writable(self._unmatched.count) from None
@@ -410,6 +422,7 @@ class Runner:
             self._give_up(exc)
         if isinstance(settled, MigrationReport):
             return settled
+        self._taken = None  # the apply loop owns it from here, and releases it
         applier = Applier(
             self.db,
             settled.lock,
@@ -429,6 +442,18 @@ class Runner:
                 cause=f"{HOLDER_WRITES}: {describe(exc)}",
                 holding=True,
             ) from exc
+
+    async def _settle(self, waiter: Waiter, deadline: Deadline) -> MigrationReport | _Held:
+        try:
+            return await waiter.until_settled(lambda: self._attempt(deadline))
+        except BaseException:
+            # A lock taken by the last attempt, then a cancellation on the way out of the
+            # Waiter (whose task group checkpoints as it closes), before the apply loop owns
+            # it: never leave it held and unused, for every replica to wait out its lease.
+            taken, self._taken = self._taken, None
+            if taken is not None:
+                await taken.release("cancelled")
+            raise
 
     async def _attempt(self, deadline: Deadline) -> MigrationReport | _Held:
         """One look at the control document and, if there is work, one try at the lock.
@@ -480,6 +505,7 @@ class Runner:
                 if done is not None:
                     await held.release("rerun_already_done")
                     return replace(done, holder=True)
+                self._taken = held
                 return _Held(held, self._plan(held.control))
         self._tried = control
         raise _Missed(control)

@@ -21,6 +21,10 @@ from .drivers import open_change_stream
 
 log = logging.getLogger("bootmigrate")
 
+# How long a stream being closed may wait for the server: the server closes an abandoned
+# cursor by itself, a stopping process cannot wait for one out of reach.
+CLOSE_SECONDS = 0.5
+
 
 class ControlWatch:
     """Naps that end early when the control document changes."""
@@ -61,5 +65,7 @@ class ControlWatch:
             self.available = False
             log.debug("change stream ended (%s); waiting replicas poll", exc)
         finally:
-            with anyio.CancelScope(shield=True):
+            # Shielded so that the cursor is closed on the server, but bounded: a stop while
+            # waiting must not wait on a partitioned server's killCursors.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS):
                 await stream.close()
