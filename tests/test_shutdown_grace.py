@@ -32,6 +32,17 @@ def gated(version: int, gate: anyio.Event, started: anyio.Event, **options: Any)
     return Migration(version=version, up=up, name=f"gated_{version}", **options)
 
 
+async def cancelled_once_started(call: Any, started: anyio.Event) -> None:
+    """Run the ``migrate()`` coroutine ``call`` as a task; once ``started`` is set, cancel it
+    as a server does (``Task.cancel()``) and await its end."""
+    task = asyncio.ensure_future(call)
+    with anyio.fail_after(10):
+        await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+
+
 async def test_a_migration_asked_to_stop_may_finish_within_the_grace_and_counts_as_applied(
     db: Any, bootmigrate_log: Any
 ) -> None:
@@ -107,12 +118,7 @@ async def test_a_migration_past_its_grace_is_cancelled_and_left_interrupted(db: 
 async def test_an_idempotent_migration_past_its_grace_is_released_for_a_rerun(db: Any) -> None:
     gate, started = anyio.Event(), anyio.Event()
     migrations = [recorder(1), gated(2, gate, started, idempotent=True)]
-    call = asyncio.ensure_future(migrate(db, migrations, shutdown_grace=0.3))
-    with anyio.fail_after(10):
-        await started.wait()
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(call, 10)
+    await cancelled_once_started(migrate(db, migrations, shutdown_grace=0.3), started)
 
     doc = await control(db)
     assert doc is not None
@@ -131,12 +137,7 @@ async def test_a_transaction_past_its_grace_is_aborted_and_released_for_a_rerun(
         await anyio.sleep_forever()
 
     migration = Migration(version=1, up=up, name="move", transactional=True)
-    call = asyncio.ensure_future(migrate(db, [migration], shutdown_grace=0.3))
-    with anyio.fail_after(10):
-        await started.wait()
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(call, 10)
+    await cancelled_once_started(migrate(db, [migration], shutdown_grace=0.3), started)
 
     doc = await control(db)
     assert doc is not None

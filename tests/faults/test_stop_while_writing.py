@@ -49,53 +49,35 @@ async def stopped_while_blocked(call: Any, point: fail_point, how: str) -> None:
             await task
 
 
+def held_at_the_wire(holder_db: Any, command: str, ms: int, skip: int = 0) -> fail_point:
+    """The holder's next ``command`` (after ``skip`` of them) held ``ms`` at the wire."""
+    return fail_point(
+        holder_db,
+        {"skip": skip} if skip else {"times": 1},
+        failCommands=[command],
+        blockConnection=True,
+        blockTimeMS=ms,
+        appName="holder",
+    )
+
+
 @pytest.mark.parametrize("how", ["scope", "task"])
+@pytest.mark.parametrize(
+    "held",
+    [
+        # the acquire itself, in flight
+        ("findAndModify", 500),
+        # the waiting part winding down (its change stream closing), the lock taken and not
+        # yet owned by the apply loop; within the time a close may take
+        ("killCursors", 300),
+    ],
+    ids=["acquiring", "leaving_the_wait"],
+)
 async def test_a_stop_while_the_lock_is_taken_after_waiting_leaves_it_free(
-    holder_db: Any, db: Any, bootmigrate_log: Any, how: str
+    holder_db: Any, db: Any, bootmigrate_log: Any, how: str, held: tuple[str, int]
 ) -> None:
     await db.migrations.insert_one({"_id": "control", "locked": True, "version": 0})
-    async with fail_point(
-        holder_db,
-        {"times": 1},
-        failCommands=["findAndModify"],
-        blockConnection=True,
-        blockTimeMS=500,
-        appName="holder",
-    ) as point:
-
-        async def boot() -> None:
-            await migrate(holder_db, [recorder(1)], wait_timeout=60)
-
-        async def unlock_once_waiting() -> None:
-            await bootmigrate_log.wait_for("waiting for")
-            await db.migrations.update_one({"_id": "control"}, {"$set": {"locked": False}})
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(unlock_once_waiting)
-            await stopped_while_blocked(boot, point, how)
-
-    doc = await control(db)
-    assert doc is not None
-    assert doc["token"] == 1  # the acquire went through, held at the wire meanwhile
-    assert doc["locked"] is False, doc
-    assert await ran(db) == []
-
-
-@pytest.mark.parametrize("how", ["scope", "task"])
-async def test_a_stop_on_the_way_from_waiting_to_migrating_leaves_the_lock_free(
-    holder_db: Any, db: Any, bootmigrate_log: Any, how: str
-) -> None:
-    """The lock is taken after a wait; the stop lands as the waiting part winds down (its
-    change stream being closed), before the apply loop owns the lock."""
-    await db.migrations.insert_one({"_id": "control", "locked": True, "version": 0})
-    async with fail_point(
-        holder_db,
-        {"times": 1},
-        failCommands=["killCursors"],
-        blockConnection=True,
-        blockTimeMS=300,  # within the time a close may take
-        appName="holder",
-    ) as point:
+    async with held_at_the_wire(holder_db, *held) as point:
 
         async def boot() -> None:
             await migrate(holder_db, [recorder(1)], wait_timeout=60)
@@ -117,19 +99,17 @@ async def test_a_stop_on_the_way_from_waiting_to_migrating_leaves_the_lock_free(
     assert [v for v, _ in await ran(db)] == list(range(1, doc["version"] + 1))
 
 
-@pytest.mark.parametrize("how", ["scope", "task"])
-async def test_a_stop_while_a_down_takes_the_lock_leaves_no_step_named(
-    holder_db: Any, db: Any, how: str
+@pytest.mark.parametrize(
+    "skip, how",
+    [(0, "scope"), (0, "task"), (1, "scope")],
+    ids=["acquiring-scope", "acquiring-task", "naming_the_step-scope"],
+)
+async def test_a_stop_before_a_down_ran_leaves_no_step_named(
+    holder_db: Any, db: Any, skip: int, how: str
 ) -> None:
+    """Held: the acquire (skip 0), or the write naming the down step (skip 1)."""
     await migrate(db, recorders(1, 2))
-    async with fail_point(
-        holder_db,
-        {"times": 1},
-        failCommands=["findAndModify"],
-        blockConnection=True,
-        blockTimeMS=500,
-        appName="holder",
-    ) as point:
+    async with held_at_the_wire(holder_db, "findAndModify", 500, skip=skip) as point:
         await stopped_while_blocked(
             lambda: migrate(holder_db, recorders(1, 2), target=1), point, how
         )
@@ -137,28 +117,7 @@ async def test_a_stop_while_a_down_takes_the_lock_leaves_no_step_named(
     doc = await control(db)
     assert doc is not None
     assert (doc["locked"], doc["version"]) == (False, 2)
-    assert "unfinished" not in doc, doc  # the down was never started: nothing to refuse over
-    assert (await migrate(db, recorders(1, 2, 3))).applied == [3]
-
-
-async def test_a_stop_while_a_step_is_named_takes_the_name_back(holder_db: Any, db: Any) -> None:
-    await migrate(db, recorders(1, 2))
-    async with fail_point(
-        holder_db,
-        {"skip": 1},  # the acquire goes through; the write naming the down step is held
-        failCommands=["findAndModify"],
-        blockConnection=True,
-        blockTimeMS=500,
-        appName="holder",
-    ) as point:
-        await stopped_while_blocked(
-            lambda: migrate(holder_db, recorders(1, 2), target=1), point, "scope"
-        )
-
-    doc = await control(db)
-    assert doc is not None
-    assert (doc["locked"], doc["version"]) == (False, 2)
-    assert "unfinished" not in doc, doc
+    assert "unfinished" not in doc, doc  # nothing to refuse a later up over
     assert await ran(db) == [(1, "up"), (2, "up")]  # the down never ran
     assert (await migrate(db, recorders(1, 2, 3))).applied == [3]
 
@@ -174,14 +133,8 @@ async def test_a_stopped_waiter_does_not_wait_for_its_change_stream_to_close(
             await migrate(holder_db, [recorder(1)], wait_timeout=300)
         stopped.set()
 
-    closed_never = fail_point(
-        holder_db,
-        "alwaysOn",
-        failCommands=["killCursors"],
-        blockConnection=True,
-        blockTimeMS=20_000,  # a partitioned server: the cursor's close does not return
-        appName="holder",
-    )
+    # A partitioned server: the cursor's close does not return.
+    closed_never = held_at_the_wire(holder_db, "killCursors", 20_000)
     async with closed_never, anyio.create_task_group() as tasks:
         tasks.start_soon(waiter)
         await bootmigrate_log.wait_for("waiting for")
