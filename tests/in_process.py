@@ -37,6 +37,15 @@ def recorder(
     )
 
 
+def failing(version: int, error: str = "disk full") -> Migration:
+    """A migration whose ``up`` raises ``RuntimeError(error)``."""
+
+    async def up(db: Any) -> None:
+        raise RuntimeError(error)
+
+    return Migration(version=version, up=up, name=f"broken_{version}")
+
+
 def announce(event: Any) -> Callable[[], Awaitable[None]]:
     """A ``before`` hook that sets ``event``: the migration started, so the lock is held."""
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from bootmigrate import Migration, MigrationFailed, migrate
 from bootmigrate.events import Event
 from bootmigrate.metrics import PrometheusMetrics
-from tests.in_process import recorder, recorders
+from tests.in_process import failing, recorder, recorders
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -54,15 +54,8 @@ async def test_a_holder_counts_its_migrations_version_and_lock(db: Any) -> None:
 async def test_a_failed_migration_is_counted_and_the_lock_shows_stuck(db: Any) -> None:
     registry = CollectorRegistry()
 
-    async def broken(db: Any) -> None:
-        raise RuntimeError("disk full")
-
     with pytest.raises(MigrationFailed):
-        await migrate(
-            db,
-            [recorder(1), Migration(version=2, up=broken, name="broken")],
-            on_event=PrometheusMetrics(registry),
-        )
+        await migrate(db, [recorder(1), failing(2)], on_event=PrometheusMetrics(registry))
 
     failed = {"version": "2", "direction": "up", "outcome": "failed"}
     assert sample(registry, "bootmigrate_migration_duration_seconds_count", **failed) == 1

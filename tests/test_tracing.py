@@ -16,7 +16,7 @@ from opentelemetry.trace import StatusCode
 from bootmigrate import Migration, MigrationFailed, migrate
 from bootmigrate.events import Event
 from bootmigrate.tracing import OpenTelemetrySpans
-from tests.in_process import recorder, recorders
+from tests.in_process import failing, recorder, recorders
 from tests.polling import wait_for
 
 
@@ -75,15 +75,8 @@ async def test_one_span_per_call_and_a_child_per_migration(
 async def test_a_failed_migration_sets_error_status_on_both_spans(
     db: Any, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    async def broken(db: Any) -> None:
-        raise RuntimeError("disk full")
-
     with pytest.raises(MigrationFailed):
-        await migrate(
-            db,
-            [recorder(1), Migration(version=2, up=broken, name="broken")],
-            on_event=OpenTelemetrySpans(provider),
-        )
+        await migrate(db, [recorder(1), failing(2)], on_event=OpenTelemetrySpans(provider))
 
     spans = exporter.get_finished_spans()
     [call] = by_name(spans, "bootmigrate.migrate")
