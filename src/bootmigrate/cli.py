@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import anyio
 import click
-from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -42,7 +41,9 @@ LOCKED = 4
 STUCK = 5
 DRIFT = 6
 
-# `bootmigrate wait`'s default bound, as migrate()'s wait_timeout.
+# `--timeout` unless given: how long commands wait for the server, and how long `wait` waits
+# in all (migrate()'s own default wait_timeout).
+SERVER_TIMEOUT = 10.0
 WAIT_TIMEOUT = 300.0
 
 STATE_EXIT = {
@@ -74,6 +75,7 @@ class Session:
     migrations: str
     settings: Settings
     timeout: float
+    timeout_given: bool
     driver: str
     as_json: bool
     console: Console = field(init=False)
@@ -252,10 +254,9 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
     @click.option(
         "--timeout",
         type=click.FloatRange(min=0.1),
-        default=10.0,
-        show_default=True,
-        help="Seconds to wait for the server to answer (for `wait`: the whole wait, "
-        "300 unless given).",
+        default=None,
+        help=f"Seconds to wait for the server to answer (default {SERVER_TIMEOUT:g}); for "
+        f"`wait`, the whole wait, reaching the server included (default {WAIT_TIMEOUT:g}).",
     )
     @click.option(
         "--driver",
@@ -300,12 +301,14 @@ def _session(options: dict[str, Any]) -> Session:
         collection=options.pop("collection"),
         history_collection=options.pop("history_collection"),
     )
+    timeout = options.pop("timeout")
     return Session(
         uri=options.pop("uri"),
         db_name=options.pop("db"),
         migrations=options.pop("migrations"),
         settings=settings,
-        timeout=options.pop("timeout"),
+        timeout=SERVER_TIMEOUT if timeout is None else timeout,
+        timeout_given=timeout is not None,
         driver=options.pop("driver"),
         as_json=options.pop("as_json"),
     )
@@ -398,10 +401,10 @@ def wait(session: Session) -> int:
 
     --timeout S bounds the whole wait, reaching the server included (default here: 300 s).
     Exit 0 reached (or ahead), 3 still pending with nobody migrating, 4 still locked by a live
-    holder, 5 stuck after a failure or interruption (an operator must act), 1 other errors.
+    holder, 5 stuck after a failure or interruption (an operator must act), 1 other errors
+    (the server unreachable), 2 a usage error, 143 stopped by SIGTERM (130: SIGINT).
     """
-    context = click.get_current_context()
-    if context.get_parameter_source("timeout") is ParameterSource.DEFAULT:
+    if not session.timeout_given:
         session.timeout = WAIT_TIMEOUT
     started = time.monotonic()
 
@@ -413,7 +416,13 @@ def wait(session: Session) -> int:
     try:
         report = session.run(wait_for)
     except NotMigrated as exc:
-        raise Failure(str(exc), PENDING) from exc
+        raise Failure(
+            f"the database is at version {exc.db_version} and this build needs {exc.wanted}, "
+            f"but nothing migrated it within {session.timeout:g} s (--timeout); `wait` only "
+            "waits. Run the migrations where they run (`bootmigrate up`: the migration Job or "
+            "release hook), and see why they did not: `bootmigrate status`.",
+            PENDING,
+        ) from exc
     except ControlLocked as exc:
         raise Failure(str(exc), STUCK if exc.reason == "stuck" else LOCKED) from exc
     session.emit(
