@@ -56,7 +56,8 @@ def _prometheus() -> Any:
         import prometheus_client
     except ImportError as exc:
         raise ImportError(
-            "bootmigrate.metrics needs prometheus-client: pip install 'bootmigrate[prometheus]'"
+            "bootmigrate.metrics needs prometheus-client: pip install 'bootmigrate[prometheus]' "
+            "(from a checkout: pip install '.[prometheus]')"
         ) from exc
     return prometheus_client
 

@@ -40,7 +40,8 @@ def _opentelemetry() -> Any:
         from opentelemetry import trace
     except ImportError as exc:
         raise ImportError(
-            "bootmigrate.tracing needs opentelemetry-api: pip install 'bootmigrate[opentelemetry]'"
+            "bootmigrate.tracing needs opentelemetry-api: pip install "
+            "'bootmigrate[opentelemetry]' (from a checkout: pip install '.[opentelemetry]')"
         ) from exc
     return trace
 
