@@ -266,3 +266,41 @@ def test_the_readme_json_formatter_writes_the_event_fields(
     assert [(a["migration_version"], a["direction"]) for a in applied] == [(1, "up"), (2, "up")]
     assert all(a["level"] == "INFO" and a["duration_s"] >= 0 for a in applied)
     assert len({line["call_id"] for line in lines if "event" in line}) == 1
+
+
+@pytest.mark.parametrize(
+    "setting, shown",
+    [
+        ('logging.getLogger("bootmigrate").setLevel(logging.WARNING)', "WARNING"),
+        ("logging.disable(logging.CRITICAL)", None),
+    ],
+    ids=["level_on_the_logger", "logging_disabled"],
+)
+def test_a_level_chosen_for_the_library_is_obeyed_by_the_fallback(
+    app_dir: Path, mongo_uri: str, driver: str, sync_db: Any, setting: str, shown: str | None
+) -> None:
+    env = {
+        **os.environ,
+        "BM_URI": mongo_uri,
+        "BM_DB": sync_db.name,
+        "BM_DRIVER": driver,
+        "BM_MIGRATIONS": str(app_dir / "migrations"),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    sync_db.migrations.insert_one({"_id": "control", "locked": False, "version": 5})  # ahead
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"import logging\n{setting}\n{MIGRATE}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    ours = [line for line in done.stderr.splitlines() if FALLBACK_LINE.match(line)]
+    assert not any(" INFO " in line for line in ours), done.stderr  # INFO is below the level
+    if shown is None:
+        assert ours == [], done.stderr
+    else:  # the database-ahead warning still shows
+        assert any(f" {shown} " in line and "ahead" in line for line in ours), done.stderr

@@ -62,10 +62,27 @@ def falls_back(logger: logging.Logger) -> bool:
 
 def visible(logger: logging.Logger, level: int) -> bool:
     """Whether a record at ``level`` is made: as the logger's level says, or, while logging
-    is not configured, at INFO and above for the fallback handler."""
+    is not configured, at INFO and above for the fallback handler. A level set on the
+    ``bootmigrate`` logger (or one below it), and ``logging.disable()``, are obeyed even
+    then: only the root's default WARNING is overridden."""
     if logger.isEnabledFor(level):
         return True
-    return level >= FALLBACK_LEVEL and not logger.disabled and falls_back(logger)
+    return (
+        level >= FALLBACK_LEVEL
+        and logging.root.manager.disable < level
+        and not logger.disabled
+        and not _level_set_below_root(logger)
+        and falls_back(logger)
+    )
+
+
+def _level_set_below_root(logger: logging.Logger) -> bool:
+    current: logging.Logger | None = logger
+    while current is not None and current is not logging.root:
+        if current.level != logging.NOTSET:
+            return True
+        current = current.parent
+    return False
 
 
 def log_record(
