@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import anyio
@@ -102,3 +103,29 @@ def test_without_prometheus_client_the_error_names_the_extra(
 
     with pytest.raises(ImportError, match=r"pip install 'bootmigrate\[prometheus\]'"):
         PrometheusMetrics()
+
+
+def test_two_threads_may_build_the_hook_on_one_registry_at_once() -> None:
+    errors: list[BaseException] = []
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows
+    try:
+        for _ in range(300):
+            registry = CollectorRegistry()
+            barrier = threading.Barrier(2)
+
+            def build(registry: CollectorRegistry = registry, barrier: Any = barrier) -> None:
+                barrier.wait()
+                try:
+                    PrometheusMetrics(registry)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=build) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert errors == []

@@ -21,6 +21,7 @@ unless ``registry`` is given), so several instances, or several calls, share the
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,47 +73,52 @@ class _Collectors:
 
 
 _SHARED: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = weakref.WeakKeyDictionary()
+# Two threads building the hook on one registry would both register the names (refused).
+_REGISTERING = threading.Lock()
 
 
 def _collectors(prometheus: Any, registry: CollectorRegistry) -> _Collectors:
     """The metrics in ``registry``, registered on first use: a registry refuses the same
     name twice, and every instance of :class:`PrometheusMetrics` should count together."""
-    found = _SHARED.get(registry)
-    if found is None:
-        found = _Collectors(
-            boot_wait=prometheus.Histogram(
-                "bootmigrate_boot_wait_seconds",
-                "Seconds a migrate() call waited for another process's migration lock.",
-                ["outcome"],
-                buckets=WAIT_BUCKETS,
-                registry=registry,
-            ),
-            migration_duration=prometheus.Histogram(
-                "bootmigrate_migration_duration_seconds",
-                "Seconds a migration step ran, by version, direction and outcome.",
-                ["version", "direction", "outcome"],
-                buckets=MIGRATION_BUCKETS,
-                registry=registry,
-            ),
-            database_version=prometheus.Gauge(
-                "bootmigrate_database_version",
-                "The database's migration version, as this process last saw it.",
-                registry=registry,
-            ),
-            lock_state=prometheus.Enum(
-                "bootmigrate_lock_state",
-                "What this process's migrate() call does with the migration lock.",
-                states=LOCK_STATES,
-                registry=registry,
-            ),
-            events=prometheus.Counter(
-                "bootmigrate_events",
-                "bootmigrate events, by name (docs/events.md).",
-                ["event"],
-                registry=registry,
-            ),
-        )
-        _SHARED[registry] = found
+    with _REGISTERING:
+        return _SHARED.get(registry) or _register(prometheus, registry)
+
+
+def _register(prometheus: Any, registry: CollectorRegistry) -> _Collectors:
+    found = _Collectors(
+        boot_wait=prometheus.Histogram(
+            "bootmigrate_boot_wait_seconds",
+            "Seconds a migrate() call waited for another process's migration lock.",
+            ["outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        ),
+        migration_duration=prometheus.Histogram(
+            "bootmigrate_migration_duration_seconds",
+            "Seconds a migration step ran, by version, direction and outcome.",
+            ["version", "direction", "outcome"],
+            buckets=MIGRATION_BUCKETS,
+            registry=registry,
+        ),
+        database_version=prometheus.Gauge(
+            "bootmigrate_database_version",
+            "The database's migration version, as this process last saw it.",
+            registry=registry,
+        ),
+        lock_state=prometheus.Enum(
+            "bootmigrate_lock_state",
+            "What this process's migrate() call does with the migration lock.",
+            states=LOCK_STATES,
+            registry=registry,
+        ),
+        events=prometheus.Counter(
+            "bootmigrate_events",
+            "bootmigrate events, by name (docs/events.md).",
+            ["event"],
+            registry=registry,
+        ),
+    )
+    _SHARED[registry] = found
     return found
 
 
