@@ -7,8 +7,8 @@ MongoDB (test commands enabled) and on the wire proxy in front of SecantusDB.
                     blockTimeMS=500, appName="holder"):
         ...
 
-``dropReply`` and the ``skewLocalTime`` fail point exist only in the proxy (tests/wire_proxy.py):
-``fail_point`` skips the test on a real MongoDB when they are asked for.
+``dropReply``, ``delayReplyMS`` and the ``skewLocalTime`` fail point exist only in the proxy
+(tests/wire_proxy.py): ``fail_point`` skips the test on a real MongoDB when they are asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from tests.wire_proxy import WireProxy
 
-PROXY_ONLY_DATA = ("dropReply",)
+PROXY_ONLY_DATA = ("dropReply", "delayReplyMS")
 PROXY_ONLY_FAIL_POINTS = ("skewLocalTime",)
 
 

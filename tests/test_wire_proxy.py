@@ -23,6 +23,7 @@ from bootmigrate.drivers import open_change_stream, transaction
 from tests.clients import open_client
 from tests.fail_points import command_counts, fail_point, needs_proxy, with_app_name
 from tests.migration_files import recording_migrations
+from tests.polling import wait_for
 from tests.processes import Replicas, boot
 from tests.wire_proxy import (
     CHECKSUM_PRESENT,
@@ -184,6 +185,27 @@ async def test_drop_reply_applies_the_write_but_the_client_sees_a_connection_err
         with pytest.raises(AutoReconnect):
             await victim[sync_db.name].things.insert_one({"_id": 1})
     assert sync_db.things.find_one() == {"_id": 1}
+
+
+async def test_delay_reply_applies_the_command_at_once_and_answers_late(
+    driver: str, fault_uri: str, client: Any, sync_db: Any
+) -> None:
+    async with (
+        proxied(driver, fault_uri) as victim,
+        fail_point(client, {"times": 1}, failCommands=["insert"], delayReplyMS=400),
+        anyio.create_task_group() as tasks,
+    ):
+        answered = anyio.Event()
+
+        async def insert() -> None:
+            await victim[sync_db.name].things.insert_one({"_id": 1})
+            answered.set()
+
+        tasks.start_soon(insert)
+        await wait_for(lambda: sync_db.things.find_one(), within=5, what="the insert to apply")
+        assert not answered.is_set()  # applied, and its reply still on its way
+        with anyio.fail_after(5):
+            await answered.wait()
 
 
 async def test_skew_local_time_shifts_hello_local_time(

@@ -358,6 +358,7 @@ class Fault:
     error: dict[str, Any] | None = None
     write_concern_error: dict[str, Any] | None = None
     drop_reply: bool = False
+    delay_reply_seconds: float = 0.0
 
 
 def validate(name: str, mode: Mode, data: Any) -> dict[str, Any]:
@@ -373,7 +374,14 @@ def validate(name: str, mode: Mode, data: Any) -> dict[str, Any]:
     commands = data.get("failCommands")
     if not (isinstance(commands, list) and commands and all(isinstance(c, str) for c in commands)):
         raise ConfigError("failCommand needs data.failCommands, a list of command names")
-    actions = ("errorCode", "closeConnection", "blockConnection", "writeConcernError", "dropReply")
+    actions = (
+        "errorCode",
+        "closeConnection",
+        "blockConnection",
+        "writeConcernError",
+        "dropReply",
+        "delayReplyMS",
+    )
     if not any(data.get(a) for a in actions):
         raise ConfigError(f"failCommand needs one of {', '.join(actions)} in data")
     if "errorCode" in data and not isinstance(data["errorCode"], int):
@@ -434,6 +442,7 @@ class FailPoints:
             close_connection=bool(data.get("closeConnection")),
             write_concern_error=data.get("writeConcernError"),
             drop_reply=bool(data.get("dropReply")),
+            delay_reply_seconds=float(data.get("delayReplyMS", 0)) / 1000,
         )
         if "errorCode" in data:
             code = int(data["errorCode"])
@@ -479,6 +488,7 @@ class ReplyPlan:
     command: Command
     write_concern_error: dict[str, Any] | None = None
     drop: bool = False
+    delay: float = 0.0
 
 
 class _Link:
@@ -568,7 +578,8 @@ class _Link:
                     continue
                 plan.write_concern_error = fault.write_concern_error
                 plan.drop = fault.drop_reply
-            if command.name in HELLO_NAMES or plan.write_concern_error or plan.drop:
+                plan.delay = fault.delay_reply_seconds
+            if command.name in HELLO_NAMES or plan.write_concern_error or plan.drop or plan.delay:
                 self.plans[message.request_id] = plan
             self.server_writer.write(message.to_bytes())
 
@@ -589,6 +600,8 @@ class _Link:
                 if plan.drop:
                     self.abort()
                     return
+                if plan.delay:  # the command ran; its answer is slow to come back
+                    await asyncio.sleep(plan.delay)
                 message = self._rewrite_reply(message, plan)
             self.client_writer.write(message.to_bytes())
 

@@ -482,6 +482,9 @@ class HeldLock:
         self.acquisition = control.acquisition
         self.lost = False
         self.released = False
+        # Set once a release or a stick is under way: the lock is being let go on purpose, so
+        # no beat is sent any more, and a beat that finds it free is not a lost lock.
+        self._letting_go = False
         # Held by a heartbeat in flight and by a transaction for its whole life: a beat landing
         # inside a transaction's snapshot would make the transaction's own write to the control
         # document conflict (WriteConflict), so the two never overlap.
@@ -551,7 +554,7 @@ class HeldLock:
             sent = True
             return await self._fenced(update, done_if=done_if)
 
-        doc = await self.write(release_once)
+        doc = await self._let_go(release_once)
         self.released = True
         version = doc.get("version") if doc is not None else None
         template, level = _RELEASE_LINES[reason]
@@ -575,7 +578,15 @@ class HeldLock:
             # before it was stuck must not match it after.
             "$inc": {"beats": 1},
         }
-        await self.write(lambda: self._fenced(update))
+        await self._let_go(lambda: self._fenced(update))
+
+    async def _let_go(self, write: Callable[[], Awaitable[T]]) -> T:
+        """A write that ends the holding (release, stick): the heartbeat stops first, and a
+        beat already in flight lands before it, so that no beat can find the lock gone by
+        this very write, its reply still on the way, and report it lost."""
+        self._letting_go = True
+        async with self._serial:
+            return await self.write(write)
 
     async def record(self, entry: Entry, session: Any = None) -> None:
         """A history record of this holder's work; in the transaction of ``session`` if given.
@@ -589,6 +600,8 @@ class HeldLock:
         """Refresh the lease; ``False`` once the lock is no longer ours."""
         self._refuse_if_lost()
         async with self._serial:
+            if self._letting_go:
+                return True  # nothing to keep: it is being let go, on purpose
             return await self._beat()
 
     async def keep_alive(self, stop: Callable[[], None]) -> None:
@@ -598,6 +611,8 @@ class HeldLock:
         lease = self._lock.owner.lease
         while True:
             await anyio.sleep(lease / 3)
+            if self._letting_go:
+                return
             ours: bool | None = None
             with anyio.move_on_after(max(self._last_contact + lease - time.monotonic(), 0.0)):
                 try:
@@ -614,7 +629,7 @@ class HeldLock:
                         error=str(exc),
                         error_type=type(exc).__name__,
                     )
-            if ours:
+            if ours or self._letting_go:
                 continue
             if ours is False or time.monotonic() - self._last_contact >= lease:
                 self._lose(

@@ -305,3 +305,29 @@ async def test_a_commit_whose_every_reply_is_lost_is_found_applied(holder_db: An
     assert sorted(outcomes) == [(1, "applied"), (2, "applied")]
     doc = await control(db)
     assert doc is not None and (doc["locked"], doc["version"]) == (False, 2)
+
+
+async def test_a_release_answered_late_is_not_taken_for_a_lost_lock(
+    holder_db: Any, db: Any
+) -> None:
+    """The release is applied at once, its reply comes back two beats later (within the
+    lease): a beat sent meanwhile finds the lock free. That is the release's own doing, not a
+    lost lock."""
+    lease = 0.9  # a beat every 0.3 s
+    # Armed by the migration: the write after its advance (findAndModify) is the release.
+    slow_release = fail_point(
+        holder_db,
+        {"skip": 1},
+        failCommands=["findAndModify"],
+        delayReplyMS=600,
+        appName="holder",
+    )
+
+    async def up(db: Any) -> None:
+        await slow_release.__aenter__()
+
+    report = await migrate(holder_db, [Migration(version=1, up=up, name="one")], lease=lease)
+
+    assert (report.applied, report.holder) == ([1], True)
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"]) == (False, 1)
