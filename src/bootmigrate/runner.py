@@ -167,7 +167,9 @@ async def migrate_with(
             reason=reason if isinstance(reason, str) else None,
             stuck=events.left_stuck
             or isinstance(exc, MigrationFailed)
-            or reason in ("stuck", "interrupted"),
+            # An unfinished down or rerun blocks every boot until an operator acts, as a
+            # stuck lock does.
+            or reason in ("stuck", "interrupted", "unfinished"),
             waited_s=events.waited(),
             duration_s=time.monotonic() - began,
         )
