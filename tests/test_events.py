@@ -146,6 +146,29 @@ async def test_a_failed_migration_and_a_call_that_finds_the_lock_stuck(db: Any) 
     )
 
 
+@pytest.mark.anyio
+async def test_a_call_refused_over_an_unfinished_down_counts_as_stuck(db: Any) -> None:
+    # A down from 2 to 1 that did not finish, the lock released: no up may step over it.
+    await db.migrations.insert_one(
+        {
+            "_id": "control",
+            "locked": False,
+            "version": 2,
+            "unfinished": {
+                "version": 2,
+                "name": "step_2",
+                "direction": "down",
+                "from_version": 2,
+                "to_version": 1,
+            },
+        }
+    )
+    seen: list[Event] = []
+    with pytest.raises(ControlLocked):
+        await migrate(db, recorders(1, 2, 3), on_event=seen.append)
+    assert (seen[-1].name, seen[-1].reason, seen[-1].stuck) == ("failed", "unfinished", True)
+
+
 async def _cancelled_inside(db: Any, idempotent: bool) -> list[Event]:
     inside = anyio.Event()
     seen: list[Event] = []
