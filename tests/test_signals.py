@@ -3,10 +3,12 @@ with a stand-in for the server's own handler installed first (as uvicorn install
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -97,3 +99,100 @@ def test_outside_the_main_thread_nothing_is_installed(server_handler: ServerHand
 
     assert results == ["report"]
     assert seen == [server_handler]  # the server's own handler, untouched
+
+
+SET_HANDLER = sys.modules["_signal"].signal  # the C function behind signal.signal
+
+
+async def test_a_signal_while_the_handlers_go_on_is_not_lost(
+    server_handler: ServerHandler,
+) -> None:
+    # A real SIGTERM, sent the moment the first handler is on and before the second is: a
+    # profile hook sees each C call return, so the signal lands right after the first
+    # _signal.signal (what signal.signal calls) and is handled before the next line runs.
+    sent: list[int] = []
+
+    def send_after_first_install(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and arg is SET_HANDLER and not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def call() -> str:
+        await anyio.sleep_forever()
+        return "report"
+
+    sys.setprofile(send_after_first_install)
+    try:
+        with anyio.fail_after(5), pytest.raises(StoppedBySignal):
+            await until_signalled(call)
+    finally:
+        sys.setprofile(None)
+
+    assert sent == [signal.SIGTERM]
+    assert server_handler.received == [signal.SIGTERM]  # the server learns it must exit
+    assert signal.getsignal(signal.SIGTERM) is server_handler
+    assert signal.getsignal(signal.SIGINT) is server_handler
+
+
+async def overlapping_startups(during: Callable[[], Awaitable[None]] | None = None) -> list[str]:
+    """Two apps' startups in one process: A's call starts, then B's; A's ends first, then
+    B's (not last in, first out). ``during``: awaited while both run. What each returned, or
+    the name of what it raised."""
+    a_started, b_started, a_done = anyio.Event(), anyio.Event(), anyio.Event()
+    outcomes: list[str] = []
+
+    async def a_call() -> str:
+        a_started.set()
+        await b_started.wait()
+        if during is not None:
+            await during()
+        return "a"
+
+    async def b_call() -> str:
+        b_started.set()
+        await a_done.wait()
+        return "b"
+
+    async def run(call: Callable[[], Awaitable[str]], done: anyio.Event | None) -> None:
+        try:
+            outcomes.append(await until_signalled(call))
+        except StoppedBySignal as stopped:
+            outcomes.append(type(stopped).__name__)
+        if done is not None:
+            done.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, a_call, a_done)
+        await a_started.wait()
+        group.start_soon(run, b_call, None)
+    return outcomes
+
+
+def test_overlapping_startups_put_the_servers_handler_back(server_handler: ServerHandler) -> None:
+    assert asyncio.run(overlapping_startups()) == ["a", "b"]
+
+    assert signal.getsignal(signal.SIGTERM) is server_handler
+    assert signal.getsignal(signal.SIGINT) is server_handler
+
+
+def test_a_signal_after_overlapping_startups_reaches_the_server_alone(
+    server_handler: ServerHandler,
+) -> None:
+    asyncio.run(overlapping_startups())  # and the loop they ran in is closed
+
+    os.kill(os.getpid(), signal.SIGTERM)  # a handler that raised would raise here
+
+    assert server_handler.received == [signal.SIGTERM]
+
+
+def test_a_signal_while_startups_overlap_stops_both_and_reaches_the_server_once(
+    server_handler: ServerHandler,
+) -> None:
+    async def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await anyio.sleep_forever()
+
+    assert asyncio.run(overlapping_startups(during=sigterm)) == ["StoppedBySignal"] * 2
+
+    assert server_handler.received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is server_handler

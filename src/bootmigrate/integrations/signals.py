@@ -11,12 +11,14 @@ server, and say why; :func:`stop_server` is how ``exit_on_failure`` stops one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -51,58 +53,104 @@ async def until_signalled(call: Callable[[], Awaitable[T]]) -> T:
 
     The handler that was installed before (the server's) is called first, so the server
     still learns that it must exit; the previous handlers are back when this returns. A
-    signal the process ignores (``SIG_IGN``) stays ignored. Python lets only the main thread
-    set signal handlers: in any other thread (a test client's portal, for one) this only
-    awaits ``call()``, and the server's own handling is all there is.
+    signal the process ignores (``SIG_IGN``) stays ignored. Python
+    lets only the main thread set signal handlers: in any other thread (a test client's
+    portal, for one) this only awaits ``call()``, and the server's own handling is all there
+    is. Calls may overlap (two apps starting in one process): a signal cancels them all.
     """
     if threading.current_thread() is not threading.main_thread():
         return await call()
-    loop = asyncio.get_running_loop()
-    received: list[int] = []
     started = time.monotonic()
     stopped: StoppedBySignal | None = None
     with anyio.CancelScope() as scope:
-
-        def handle(signum: int, frame: FrameType | None) -> None:
-            received.append(signum)
-            # A signal handler runs between two bytecodes of the main thread, maybe inside
-            # the event loop itself: the cancellation is handed to the loop, not done here.
-            loop.call_soon_threadsafe(scope.cancel)
-            previous = replaced.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-
-        replaced = _install(handle)
+        this = _Call(asyncio.get_running_loop(), scope)
         try:
+            # Inside the try: a signal arriving while the handlers go on finds the call
+            # registered, and the finally takes them off again whatever happens.
+            _HANDLERS.enter(this)
             return await call()
         except BaseException:
-            if received:
+            if this.received:
                 # Said here, as the server may also cancel this task (aiohttp's run_app does)
                 # and end the process without a word.
                 stopped = StoppedBySignal(
-                    signal.Signals(received[0]).name, time.monotonic() - started
+                    signal.Signals(this.received[0]).name, time.monotonic() - started
                 )
                 log.warning(str(stopped), extra=log_fields("stopped_by_signal"))
             raise
         finally:
-            for signum, previous in replaced.items():
-                signal.signal(signum, previous)
+            _HANDLERS.leave(this)
     # Only reached when the scope swallowed its own cancellation, which a signal asked for.
     assert stopped is not None
     raise stopped
 
 
-def _install(handler: Callable[[int, FrameType | None], None]) -> dict[int, Any]:
-    """Put ``handler`` on each of :data:`SIGNALS`; the handlers it replaced, to restore."""
-    replaced: dict[int, Any] = {}
-    for signum in SIGNALS:
-        previous = signal.getsignal(signum)
-        # Ignored on purpose (nohup, a shell's background job): not ours to change. None: set
-        # outside Python, so it could not be put back.
-        if previous is signal.SIG_IGN or previous is None:
-            continue
-        replaced[signum] = signal.signal(signum, handler)
-    return replaced
+@dataclass(eq=False)
+class _Call:
+    """One :func:`until_signalled` call: its loop and cancel scope, and the signals it got."""
+
+    loop: asyncio.AbstractEventLoop
+    scope: anyio.CancelScope
+    received: list[int] = field(default_factory=list)
+
+    def cancel(self, signum: int) -> None:
+        self.received.append(signum)
+        # A signal handler runs between two bytecodes of the main thread, maybe inside the
+        # event loop itself: the cancellation is handed to the loop, not done here.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to cancel
+            self.loop.call_soon_threadsafe(self.scope.cancel)
+
+
+class _Handlers:
+    """The process's signal handling while :func:`until_signalled` calls run: one handler
+    per signal, put on when the first call starts and taken off when the last one ends,
+    whatever order they end in (two apps starting in one process need not end LIFO).
+
+    Only the main thread touches this, and a signal handler runs in it between two
+    bytecodes: each step below leaves a state that :meth:`handle` can act on.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        # The disposition our handler replaced, per signal: called on (a server's handler),
+        # or restored and the signal raised again (SIG_DFL).
+        self.replaced: dict[int, Any] = {}
+        # Signals received whose replaced disposition was SIG_DFL: the process is to end by
+        # them once the calls have stopped.
+        self.to_raise: list[int] = []
+
+    def enter(self, call: _Call) -> None:
+        self.calls.append(call)
+        for signum in SIGNALS:
+            current = signal.getsignal(signum)
+            # Ignored on purpose (nohup, a shell's background job): not ours to change. None:
+            # set outside Python, so it could not be put back. Ours: an earlier call's.
+            if current is signal.SIG_IGN or current is None or current == self.handle:
+                continue
+            self.replaced[signum] = current  # before the handler goes on: it reads this
+            signal.signal(signum, self.handle)
+
+    def leave(self, call: _Call) -> None:
+        self.calls.remove(call)
+        if self.calls:
+            return
+        for signum, previous in list(self.replaced.items()):
+            # Replaced by someone else meanwhile: theirs stays.
+            if signal.getsignal(signum) == self.handle:
+                signal.signal(signum, previous)
+            del self.replaced[signum]
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        for call in list(self.calls):
+            call.cancel(signum)
+        previous = self.replaced.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL and signum not in self.to_raise:
+            self.to_raise.append(signum)
+
+
+_HANDLERS = _Handlers()
 
 
 def stop_server(reason: str) -> bool:
