@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -196,3 +198,41 @@ def test_a_signal_while_startups_overlap_stops_both_and_reaches_the_server_once(
 
     assert server_handler.received == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is server_handler
+
+
+DEFAULT_DISPOSITION = r"""
+import asyncio, os, signal, sys
+from bootmigrate.integrations.signals import until_signalled
+
+async def call():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(60)
+    finally:
+        print("cleaned up", flush=True)  # what a cancelled migrate() does with its lock
+
+async def main():
+    try:
+        await until_signalled(call)
+    except Exception as exc:
+        print("caught", type(exc).__name__, flush=True)
+    print("still running after SIGTERM", flush=True)
+
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+asyncio.run(main())
+"""
+
+
+def test_a_sigterm_nothing_handles_ends_the_process_once_the_call_has_stopped() -> None:
+    # No server handler (SIG_DFL): a script, or a test driving the lifespan in its main thread.
+    done = subprocess.run(
+        [sys.executable, "-c", DEFAULT_DISPOSITION],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+    assert done.stdout.splitlines() == ["cleaned up"], done
+    assert "stopped by SIGTERM while migrating at startup" in done.stderr
+    assert done.returncode == -signal.SIGTERM

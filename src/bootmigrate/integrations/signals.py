@@ -53,7 +53,9 @@ async def until_signalled(call: Callable[[], Awaitable[T]]) -> T:
 
     The handler that was installed before (the server's) is called first, so the server
     still learns that it must exit; the previous handlers are back when this returns. A
-    signal the process ignores (``SIG_IGN``) stays ignored. Python
+    signal the process ignores (``SIG_IGN``) stays ignored. One whose disposition was the
+    default (``SIG_DFL``: no server handles it) ends the process as it would have, once the
+    cancelled call has stopped: the default is put back and the signal raised again. Python
     lets only the main thread set signal handlers: in any other thread (a test client's
     portal, for one) this only awaits ``call()``, and the server's own handling is all there
     is. Calls may overlap (two apps starting in one process): a signal cancels them all.
@@ -139,6 +141,8 @@ class _Handlers:
             if signal.getsignal(signum) == self.handle:
                 signal.signal(signum, previous)
             del self.replaced[signum]
+        while self.to_raise:
+            signal.raise_signal(self.to_raise.pop(0))
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         for call in list(self.calls):
