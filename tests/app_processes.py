@@ -25,22 +25,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("uvicorn", "gunicorn", "aiohttp")
 
 
-def command(server: str, port: int) -> list[str]:
-    """How each server is started, as a user would start it."""
+def command(server: str, port: int, workers: int = 1) -> list[str]:
+    """How each server is started, as a user would start it. ``workers`` > 1: a supervisor
+    with that many worker processes (uvicorn's ``--workers``, gunicorn's ``-w``)."""
     if server == "uvicorn":
         return [
             *(sys.executable, "-m", "uvicorn", "--factory", "tests.served_app:starlette_app"),
             *("--host", "127.0.0.1", "--port", str(port)),
+            *(("--workers", str(workers)) if workers > 1 else ()),
         ]
     if server == "gunicorn":
         return [
-            *(sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "1"),
-            *("-b", f"127.0.0.1:{port}", "--no-control-socket"),
+            *(sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker"),
+            *("-w", str(workers), "-b", f"127.0.0.1:{port}", "--no-control-socket"),
             "tests.served_app:starlette_app()",
         ]
-    if server == "aiohttp":
+    if server == "aiohttp" and workers == 1:
         return [sys.executable, str(ROOT / "tests" / "served_app.py"), str(port)]
-    raise ValueError(server)
+    raise ValueError(f"{server} with {workers} workers")
 
 
 @dataclass
@@ -148,13 +150,14 @@ def start_app(
     driver: str,
     migrations: Path,
     env: dict[str, str] | None = None,
+    workers: int = 1,
     **options: Any,
 ) -> AppProcess:
     """A server process serving tests/served_app.py, whose integration is given ``options``
     (``migrate()``'s, plus ``serve_while_migrating`` and ``exit_on_failure``)."""
     port = free_port()
     process = subprocess.Popen(
-        command(server, port),
+        command(server, port, workers),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

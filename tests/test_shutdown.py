@@ -22,7 +22,8 @@ from tests.migration_files import BROKEN, recording_migrations, write_migrations
 from tests.polling import wait_until
 from tests.processes import Replicas, start_blocked_holder
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.parametrize("server", SERVERS)]
+pytestmark = pytest.mark.multiprocess
+EACH_SERVER = pytest.mark.parametrize("server", SERVERS)
 
 # Every wait below would otherwise last wait_timeout (300 s) or a lease (60 s).
 WAIT_TIMEOUT = 300
@@ -40,7 +41,11 @@ def apps(mongo_uri: str, db_name: str, driver: str) -> Iterator[Start]:
     started: list[AppProcess] = []
 
     def start(
-        server: str, migrations: Path, env: dict[str, str] | None = None, **options: Any
+        server: str,
+        migrations: Path,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        **options: Any,
     ) -> AppProcess:
         options = {"wait_timeout": WAIT_TIMEOUT, "lease": LEASE, **options}
         app = start_app(
@@ -50,6 +55,7 @@ def apps(mongo_uri: str, db_name: str, driver: str) -> Iterator[Start]:
             driver=driver,
             migrations=migrations,
             env=env,
+            workers=workers,
             **options,
         )
         started.append(app)
@@ -77,6 +83,7 @@ def report(app: AppProcess, what: str, seconds: float) -> None:
     print(f"{app.server}: {what}: exited {seconds:.3f} s after SIGTERM ({app.process.returncode})")
 
 
+@EACH_SERVER
 def test_sigterm_while_waiting_on_a_held_lock_stops_at_once_and_writes_nothing(
     server: str, apps: Start, sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
@@ -98,6 +105,7 @@ def test_sigterm_while_waiting_on_a_held_lock_stops_at_once_and_writes_nothing(
     assert sync_db.migrations_history.count_documents({}) == history
 
 
+@EACH_SERVER
 def test_sigterm_between_migrations_releases_the_lock_at_the_version_reached(
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -116,6 +124,7 @@ def test_sigterm_between_migrations_releases_the_lock_at_the_version_reached(
     assert ran(sync_db) == [1]
 
 
+@EACH_SERVER
 def test_kubernetes_stop_inside_a_migration_past_its_grace_leaves_it_interrupted_and_the_next_boot_fails_fast(  # noqa: E501
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -139,6 +148,7 @@ def test_kubernetes_stop_inside_a_migration_past_its_grace_leaves_it_interrupted
     assert ran(sync_db) == [1, 2]
 
 
+@EACH_SERVER
 def test_sigterm_inside_a_migration_that_finishes_within_its_grace_applies_it_and_releases(
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -166,6 +176,7 @@ def test_sigterm_inside_a_migration_that_finishes_within_its_grace_applies_it_an
     assert outcomes == ["applied", "applied"]
 
 
+@EACH_SERVER
 def test_serving_while_migrating_is_live_at_once_and_ready_once_migrated(
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -191,6 +202,7 @@ def test_serving_while_migrating_is_live_at_once_and_ready_once_migrated(
     app.exit_seconds(app.signal(), EXIT_WITHIN)  # an ordinary shutdown
 
 
+@EACH_SERVER
 def test_a_failure_while_serving_fails_readiness_with_the_reason_and_keeps_serving(
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -208,6 +220,7 @@ def test_a_failure_while_serving_fails_readiness_with_the_reason_and_keeps_servi
     assert app.process.poll() is None  # without exit_on_failure it keeps serving, unready
 
 
+@EACH_SERVER
 def test_exit_on_failure_stops_the_server_after_a_failure_while_serving(
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -233,6 +246,7 @@ def test_exit_on_failure_stops_the_server_after_a_failure_while_serving(
     assert control(sync_db)["failure"]["version"] == 2
 
 
+@EACH_SERVER
 def test_sigterm_while_serving_and_migrating_cancels_the_migration_after_its_grace(
     server: str, apps: Start, sync_db: Any, tmp_path: Path
 ) -> None:
@@ -251,3 +265,20 @@ def test_sigterm_while_serving_and_migrating_cancels_the_migration_after_its_gra
     found = control(sync_db)
     assert (found["locked"], found["version"]) == (True, 1)
     assert (found["failure"]["kind"], found["failure"]["version"]) == ("interrupted", 2)
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_exit_on_failure_stops_a_server_with_two_workers_for_good(
+    server: str, apps: Start, sync_db: Any, tmp_path: Path
+) -> None:
+    # Each worker fails (one runs the broken migration, the other finds the lock stuck): a
+    # worker that stopped only itself would be restarted by the supervisor, into the same
+    # failure, forever.
+    migrations = write_migrations(tmp_path / "m", {"0001_broken.py": BROKEN})
+    app = apps(server, migrations, workers=2, serve_while_migrating=True, exit_on_failure=True)
+
+    seconds = app.exit_seconds(app.started, BOOT_WITHIN)
+
+    print(f"{server} --workers 2: exited {seconds:.2f} s after it started")
+    assert "exit_on_failure: stopping the server" in app.output
+    assert control(sync_db)["failure"]["version"] == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -165,20 +166,26 @@ def stop_server(reason: str) -> bool:
     server offers for its own clean shutdown (uvicorn, gunicorn, aiohttp's ``run_app``,
     hypercorn), and a request being answered is not cut off. Under gunicorn the master is
     signalled, not the worker: the master would start a new worker, which would fail the same
-    way, forever. A process with no handler for SIGTERM (a test client in a test run) is not
-    one a server drives: nothing is signalled then, and ``False`` returned.
+    way, forever. So is the parent of a process that :mod:`multiprocessing` started:
+    ``uvicorn --workers N``'s supervisor (which otherwise restarts the worker, forever) or
+    ``--reload``'s reloader; it then stops every worker, each as it does on ``kill -TERM``. A
+    process with no handler for SIGTERM (a test client in a test run) is not one a server
+    drives: nothing is signalled then, and ``False`` returned.
     """
+    parent = multiprocessing.parent_process()
     if os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
         target, whom = os.getppid(), "the gunicorn master"
-    elif callable(signal.getsignal(signal.SIGTERM)):
-        target, whom = os.getpid(), "this process"
-    else:
+    elif not callable(signal.getsignal(signal.SIGTERM)):
         log.error(
             f"exit_on_failure: not stopping this process, no server in it handles SIGTERM "
             f"({reason})",
             extra=log_fields("stop_skipped"),
         )
         return False
+    elif parent is not None and parent.pid is not None:
+        target, whom = parent.pid, "the supervisor that started this worker"
+    else:
+        target, whom = os.getpid(), "this process"
     log.error(
         f"exit_on_failure: stopping the server: SIGTERM to {whom} (pid {target}): {reason}",
         extra=log_fields("stopping_server", pid=target),
