@@ -16,13 +16,22 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient as AiohttpClient
 from aiohttp.test_utils import TestServer
 from fastapi import FastAPI, Request
+from pymongo import MongoClient
 from starlette.testclient import TestClient
 
-from bootmigrate import ControlLocked, Migration, MigrationFailed, MigrationReport
+from bootmigrate import (
+    ControlLocked,
+    DatabaseUnavailable,
+    Migration,
+    MigrationFailed,
+    MigrationReport,
+    NotMigrated,
+)
 from bootmigrate.integrations.aiohttp import BOOT, REPORT, migrate_context
 from bootmigrate.integrations.aiohttp import readiness as aiohttp_readiness
 from bootmigrate.integrations.fastapi import migrate_lifespan, readiness
 from tests.clients import close_client, make_client
+from tests.fail_points import fail_point
 from tests.in_process import recorder, recorders
 from tests.polling import wait_for, wait_until
 
@@ -342,3 +351,68 @@ def test_the_integrations_switches_are_checked_when_the_app_is_built(flag: str) 
 
 async def failing(db: Any) -> None:
     raise RuntimeError("boom")
+
+
+# Serving while migrating: a call that ended in what passes is made again.
+
+
+def test_a_serving_wait_only_replica_that_gave_up_is_ready_once_the_database_is_migrated(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    waiter = serving_app(
+        driver,
+        mongo_uri,
+        db_name,
+        recorders(1),
+        serve_while_migrating=True,
+        apply=False,
+        wait_timeout=1,
+    )
+
+    with TestClient(waiter) as client:
+        wait_until(lambda: waiter.state.bootmigrate.attempts >= 1, 20, "the wait to give up")
+        unready = client.get("/readyz").json()
+        with TestClient(serving_app(driver, mongo_uri, db_name, recorders(1))):
+            pass  # the replica that migrates, at last
+        wait_until(lambda: client.get("/readyz").status_code == 200, 30, "readiness")
+
+    assert unready["state"] == "migrating", unready
+    assert "apply=False" in unready["reason"] and "trying again" in unready["reason"]
+    assert isinstance(waiter.state.bootmigrate.last_error, NotMigrated)
+    assert waiter.state.migrations.applied == []
+
+
+def test_a_serving_replica_that_could_not_reach_the_server_is_ready_once_it_can(
+    driver: str, fault_uri: str, db_name: str, sync_db: Any, bootmigrate_log: Any
+) -> None:
+    app = serving_app(
+        driver, fault_uri, db_name, recorders(1), serve_while_migrating=True, wait_timeout=1
+    )
+
+    with (
+        MongoClient(fault_uri, serverSelectionTimeoutMS=5000) as admin,
+        TestClient(app) as client,
+    ):
+        with fail_point(admin, "alwaysOn", failCommands=["find"], errorCode=16500):
+            wait_until(lambda: app.state.bootmigrate.attempts >= 2, 30, "two attempts")
+            unready = client.get("/readyz").json()
+        ready = wait_for_ready(client)
+
+    assert unready["state"] == "migrating", unready
+    assert "could not reach MongoDB" in unready["reason"], unready
+    assert isinstance(app.state.bootmigrate.last_error, DatabaseUnavailable)
+    assert ready["report"]["applied"] == [1]
+    retries = [
+        r for r in bootmigrate_log.records if getattr(r, "event", "") == "background_retrying"
+    ]
+    assert [r.attempt for r in retries[:2]] == [1, 2]
+    assert all(r.levelname == "WARNING" for r in retries)
+
+
+def wait_for_ready(client: TestClient) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        answer = client.get("/readyz")
+        return answer.json() if answer.status_code == 200 else None
+
+    found: dict[str, Any] = wait_until(ready, 30, "readiness")
+    return found

@@ -282,3 +282,33 @@ def test_exit_on_failure_stops_a_server_with_two_workers_for_good(
     print(f"{server} --workers 2: exited {seconds:.2f} s after it started")
     assert "exit_on_failure: stopping the server" in app.output
     assert control(sync_db)["failure"]["version"] == 1
+
+
+@EACH_SERVER
+def test_a_serving_replica_whose_wait_ran_out_is_ready_once_the_holder_is_done(
+    server: str, apps: Start, sync_db: Any, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    migrations = recording_migrations(tmp_path / "m", 1)
+    holder = apps(
+        server,
+        migrations,
+        env={"BM_BLOCK_AT": "1", "BM_RELEASE_FILE": str(release)},
+        serve_while_migrating=True,
+    )
+    inside(sync_db, 1)  # the holder migrates, for longer than the waiter waits
+    waiter = apps(
+        server, migrations, serve_while_migrating=True, wait_timeout=1, exit_on_failure=True
+    )
+    waiter.wait_for_line("tries again in")
+    status, body = waiter.get("/readyz")
+    assert (status, body["state"]) == (503, "migrating"), body
+    assert "(wait_timeout)" in body["reason"] and "trying again" in body["reason"]
+
+    release.touch()
+    ready = waiter.wait_for_status("/readyz", 200)
+
+    assert ready["report"]["applied"] == []  # the holder migrated; the waiter found it done
+    assert holder.wait_for_status("/readyz", 200)["report"]["applied"] == [1]
+    assert "exit_on_failure: stopping" not in waiter.output  # a wait that ran out is not final
+    assert waiter.process.poll() is None

@@ -50,9 +50,11 @@ def migrate_context(
     the main thread, the one Python lets set signal handlers.
     ``serve_while_migrating=True``: the app starts at once and the migration runs in a
     background task; :func:`readiness` answers 503 until it is done, and with the reason if
-    it fails (the report is then ``app[BOOT].report``: a started app's items are frozen).
-    ``exit_on_failure=True`` then also stops the server on a failure (SIGTERM, so it shuts
-    down cleanly). The app's cleanup cancels a migration still running.
+    it fails (the report is then ``app[BOOT].report``: a started app's items are frozen). A
+    call that ended in what passes (a wait that ran out, an unreachable server) is made again
+    after a pause (:class:`~.boot.Background`). ``exit_on_failure=True`` then also stops the
+    server on a final failure (SIGTERM, so it shuts down cleanly). The app's cleanup cancels a
+    migration still running.
     """
     checked = settings_of(settings, options)
     check_flags(serve_while_migrating=serve_while_migrating, exit_on_failure=exit_on_failure)

@@ -14,7 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ..errors import MigrationError
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity.wait import wait_exponential_jitter
+
+from ..errors import ControlLocked, DatabaseUnavailable, LockLost, MigrationError, NotMigrated
 from ..report import MigrationReport, log_fields
 from .signals import stop_server
 
@@ -32,6 +36,10 @@ class BootMigration:
     report: MigrationReport | None = None
     error: BaseException | None = None
     started: float = field(default_factory=time.monotonic)
+    # Serving while migrating: why the last ``migrate()`` call ended without migrating, when
+    # it is tried again (another replica still migrating, the server unreachable).
+    last_error: BaseException | None = None
+    attempts: int = 0
 
     @property
     def ready(self) -> bool:
@@ -44,10 +52,20 @@ class BootMigration:
             return "migrated"
         if self.state == "failed":
             return describe(self.error)
-        return f"migrating at startup for {time.monotonic() - self.started:.1f} s"
+        since = f"migrating at startup for {time.monotonic() - self.started:.1f} s"
+        if self.last_error is None:
+            return since
+        return (
+            f"{since}; trying again, as attempt {self.attempts} ended without migrating: "
+            f"{describe(self.last_error)}"
+        )
 
     def done(self, report: MigrationReport) -> None:
         self.state, self.report = "ready", report
+
+    def retrying(self, error: BaseException, attempts: int) -> None:
+        """Still migrating: ``attempts`` calls ended with ``error``, which another try may cure."""
+        self.last_error, self.attempts = error, attempts
 
     def failed(self, error: BaseException) -> None:
         self.state, self.error = "failed", error
@@ -84,10 +102,32 @@ NOT_CONFIGURED = (
 )
 
 
+def passing(error: BaseException) -> bool:
+    """Whether a ``migrate()`` call that ended with ``error`` may succeed if made again: the
+    wait ran out while another replica still migrated (``wait_timeout``; a wait-only call's
+    :class:`~bootmigrate.NotMigrated`), the server could not be reached, or this call lost its
+    lock. Anything else (a failed migration, a stuck lock, bad migrations, a database ahead,
+    an error that is not a :class:`MigrationError`) only an operator or a new build cures."""
+    if isinstance(error, LockLost):
+        return True
+    if isinstance(error, ControlLocked):
+        return error.reason == "wait_timeout"
+    return isinstance(error, DatabaseUnavailable | NotMigrated)
+
+
+# The pause before calling ``migrate()`` again: 1 s, doubling up to 30 s, plus up to 1 s of
+# jitter so that replicas that gave up together do not come back together.
+RETRY_PAUSE = wait_exponential_jitter(max=30)
+
+
 class Background:
     """``migrate()`` in a task of its own while the app serves; ``boot`` follows it.
 
-    ``exit_on_failure``: a failure stops the server (:func:`~.signals.stop_server`).
+    A call that ends in an error another try may cure (:func:`passing`: the wait ran out
+    while another replica migrates, the server was unreachable) is made again after a pause
+    (:data:`RETRY_PAUSE`), the app still ``"migrating"``: a serving replica is never left
+    unready for good by something that passes. Any other error is final: ``"failed"``.
+    ``exit_on_failure``: a final failure stops the server (:func:`~.signals.stop_server`).
     :meth:`stop` cancels the task at the app's shutdown: ``migrate()`` then stops as it does
     when cancelled (``shutdown_grace`` lets a migration that is running finish first).
     """
@@ -108,8 +148,15 @@ class Background:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="bootmigrate")
 
     async def _run(self) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(passing),
+            wait=RETRY_PAUSE,
+            sleep=anyio.sleep,
+            before_sleep=self._again,
+            reraise=True,
+        )
         try:
-            report = await self.call()
+            report = await self._attempts(retrying)
         except asyncio.CancelledError as stopped:
             self.boot.failed(stopped)
             raise
@@ -124,6 +171,29 @@ class Background:
             return
         self.boot.done(report)
         self.on_report(report)
+
+    async def _attempts(self, retrying: AsyncRetrying) -> MigrationReport:
+        # Not ``retrying(self.call)``: tenacity would not await what a plain callable returns.
+        async for attempt in retrying:
+            with attempt:
+                return await self.call()
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _again(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        assert error is not None  # only an error is retried
+        self.boot.retrying(error, state.attempt_number)
+        log.warning(
+            f"migration at startup did not complete (attempt {state.attempt_number}); the app "
+            f"serves, not ready, and tries again in {state.upcoming_sleep:.1f} s: "
+            f"{describe(error)}",
+            extra=log_fields(
+                "background_retrying",
+                error=describe(error),
+                attempt=state.attempt_number,
+                pause_s=state.upcoming_sleep,
+            ),
+        )
 
     async def stop(self) -> None:
         """Cancel the migration if it still runs, and wait until it has stopped."""

@@ -57,8 +57,10 @@ def migrate_lifespan(
     client does not, and then only the server's own handling applies).
     ``serve_while_migrating=True``: the app starts at once and the migration runs in a
     background task; :func:`readiness` answers 503 until it is done, and with the reason if
-    it fails. ``exit_on_failure=True`` then also stops the server on a failure (SIGTERM, so
-    it shuts down cleanly). The app's shutdown cancels a migration still running.
+    it fails. A call that ended in what passes (a wait that ran out, an unreachable server) is
+    made again after a pause (:class:`~.boot.Background`). ``exit_on_failure=True`` then also
+    stops the server on a final failure (SIGTERM, so it shuts down cleanly). The app's
+    shutdown cancels a migration still running.
     """
     checked = settings_of(settings, options)
     check_flags(serve_while_migrating=serve_while_migrating, exit_on_failure=exit_on_failure)
