@@ -416,3 +416,34 @@ def wait_for_ready(client: TestClient) -> dict[str, Any]:
 
     found: dict[str, Any] = wait_until(ready, 30, "readiness")
     return found
+
+
+def test_an_unexpected_error_while_serving_is_logged_with_its_traceback(
+    sync_db: Any, bootmigrate_log: Any
+) -> None:
+    # A bug rather than a MigrationError: a synchronous PyMongo database given to the helper.
+    app = FastAPI(
+        lifespan=migrate_lifespan(lambda app: sync_db, recorders(1), serve_while_migrating=True)
+    )
+
+    with TestClient(app):
+        wait_until(lambda: app.state.bootmigrate.state == "failed", 20, "the failure")
+
+    failed = [r for r in bootmigrate_log.records if r.__dict__.get("event") == "background_failed"]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert failed[0].exc_info[0] is TypeError and "a synchronous PyMongo database" in str(
+        failed[0].exc_info[1]
+    )
+
+
+def test_a_migration_error_while_serving_is_logged_without_a_traceback(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any, bootmigrate_log: Any
+) -> None:
+    migrations = [Migration(version=1, up=failing, name="broken")]
+    app = serving_app(driver, mongo_uri, db_name, migrations, serve_while_migrating=True)
+
+    with TestClient(app):
+        wait_until(lambda: app.state.bootmigrate.state == "failed", 20, "the failure")
+
+    failed = [r for r in bootmigrate_log.records if r.__dict__.get("event") == "background_failed"]
+    assert len(failed) == 1 and failed[0].exc_info is None  # its message says it all

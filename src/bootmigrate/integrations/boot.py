@@ -164,6 +164,9 @@ class Background:
             self.boot.failed(exc)
             log.error(
                 f"migration at startup failed; the app serves but is not ready: {describe(exc)}",
+                # A MigrationError's message says it all; anything else is a bug somewhere,
+                # whose traceback is what finds it.
+                exc_info=None if isinstance(exc, MigrationError) else exc,
                 extra=log_fields("background_failed", error=describe(exc)),
             )
             if self.exit_on_failure:
