@@ -447,3 +447,31 @@ def test_a_migration_error_while_serving_is_logged_without_a_traceback(
 
     failed = [r for r in bootmigrate_log.records if r.__dict__.get("event") == "background_failed"]
     assert len(failed) == 1 and failed[0].exc_info is None  # its message says it all
+
+
+@pytest.mark.anyio
+async def test_aiohttp_readiness_answers_on_a_sub_application(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    client_key = web.AppKey("client", object)
+
+    async def own_client(app: web.Application) -> AsyncIterator[None]:
+        app[client_key] = make_client(driver, mongo_uri)
+        yield
+        await close_client(app[client_key])
+
+    app = web.Application()
+    app.cleanup_ctx.append(own_client)
+    app.cleanup_ctx.append(
+        migrate_context(lambda app: app[client_key][db_name], recorders(1))  # type: ignore[index]
+    )
+    ops = web.Application()
+    ops.router.add_get("/readyz", aiohttp_readiness)
+    app.add_subapp("/ops", ops)  # the migration on the main app, the probe on the sub-app
+
+    async with AiohttpClient(TestServer(app)) as client:
+        answer = await client.get("/ops/readyz")
+        body = await answer.json()
+
+    assert answer.status == 200, body
+    assert body["report"]["applied"] == [1]

@@ -87,8 +87,11 @@ async def readiness(request: web.Request) -> web.Response:
 
     200 with the migration report once the app is migrated; 503 with
     ``{"ready": false, "state": "migrating"|"failed", "reason": ...}`` before that, or after
-    a failure. Works in both modes (in the blocking one it only ever answers 200).
+    a failure. Works in both modes (in the blocking one it only ever answers 200), and on a
+    sub-application (``app.add_subapp``) of the app that migrates.
     """
-    boot = request.app.get(BOOT)
+    # config_dict: this app's items, then its parents'. request.app is the sub-app that
+    # routed the request, which the cleanup_ctx, on the main app, never saw.
+    boot = request.config_dict.get(BOOT)
     status, body = boot.readiness() if boot is not None else NOT_CONFIGURED
     return web.json_response(body, status=status)

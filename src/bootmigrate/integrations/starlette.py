@@ -102,6 +102,10 @@ async def readiness(request: Request) -> JSONResponse:
     200 with the migration report once the app is migrated; 503 with
     ``{"ready": false, "state": "migrating"|"failed", "reason": ...}`` before that, or after
     a failure. Works in both modes (in the blocking one it only ever answers 200).
+
+    It reads ``request.app.state``: add it to the app given the lifespan. Under a ``Mount``,
+    ``request.app`` is the mounted sub-app, which has no lifespan of its own run, so there it
+    answers 503 "no bootmigrate integration on this app".
     """
     boot: BootMigration | None = getattr(request.app.state, BOOT_STATE, None)
     status, body = boot.readiness() if boot is not None else NOT_CONFIGURED
