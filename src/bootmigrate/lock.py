@@ -585,8 +585,12 @@ class HeldLock:
         beat already in flight lands before it, so that no beat can find the lock gone by
         this very write, its reply still on the way, and report it lost."""
         self._letting_go = True
-        async with self._serial:
-            return await self.write(write)
+        # Shielded as the write itself is: waiting for the beat in flight must not let a
+        # cancellation leave the lock held.
+        with anyio.CancelScope(shield=True):
+            async with self._serial:
+                result = await self.write(write)
+        return result
 
     async def record(self, entry: Entry, session: Any = None) -> None:
         """A history record of this holder's work; in the transaction of ``session`` if given.
