@@ -1,7 +1,9 @@
 """Migrations: the :class:`Migration` record, loading it from files or packages, validation.
 
+A :class:`Catalog` knows a source's versions and names from its file names alone; a module is
+imported only when its migration is needed (a step that will run, ``validate``, the CLI).
 Loading is pure: it imports code and checks it, and never touches the database, so a bad
-migration set is refused before any lock is taken.
+migration that is about to run is refused before any lock is taken.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import os
 import pkgutil
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from .errors import InvalidMigrations
 
@@ -82,26 +84,99 @@ def load_migrations(source: MigrationSource) -> list[Migration]:
     Returns them sorted by version. Raises :class:`InvalidMigrations` naming the offending
     file or version for: duplicate versions, a file without a version prefix, a missing or
     synchronous ``up``, a step with the wrong parameters, or a module that fails to import.
+    Imports every module; :func:`catalog` lists them without importing any.
     """
+    return catalog(source).load_all()
+
+
+class Entry(NamedTuple):
+    """A migration as its file name tells it, before its module is imported."""
+
+    version: int
+    name: str
+    # The file's path (a directory) or the module's dotted name (a package).
+    origin: str
+    # The name the module is imported under (a package's own dotted name).
+    module: str
+
+    def label(self) -> str:
+        return f"{self.version:04d} {self.name}".rstrip()
+
+
+class Catalog(Mapping[int, Migration]):
+    """The migrations of one source by version, known from file names alone.
+
+    Versions and names come from one directory listing; a module is imported only when its
+    migration is looked up (``catalog[v]``) or loaded (:meth:`load`), so a boot with nothing to
+    run imports none, and a bad module that will not run blocks nothing. What the names say
+    (a missing version prefix, a version declared twice) is refused when the catalog is made.
+    """
+
+    def __init__(self, entries: Iterable[Entry], loaded: Iterable[Migration] = ()) -> None:
+        self.entries = tuple(sorted(entries, key=lambda e: e.version))
+        self._by_version = {e.version: e for e in self.entries}
+        self._loaded = {m.version: m for m in loaded}
+
+    @classmethod
+    def of(cls, migrations: Iterable[Migration]) -> Catalog:
+        """A catalog of migrations made in code (nothing to import)."""
+        found = _sorted_unique(list(migrations))
+        entries = [Entry(m.version, m.name, m.source, "") for m in found]
+        return cls(entries, found)
+
+    @property
+    def versions(self) -> list[int]:
+        return [e.version for e in self.entries]
+
+    @property
+    def latest(self) -> int:
+        return self.entries[-1].version if self.entries else 0
+
+    def load(self, versions: Iterable[int]) -> list[Migration]:
+        """The migrations of ``versions``, importing their modules (once); raises
+        :class:`InvalidMigrations` for a module that fails to import or to validate."""
+        versions = sorted(set(versions))
+        for version in versions:
+            if version not in self._loaded:
+                self._loaded[version] = _load_entry(self._by_version[version])
+        return [self._loaded[v] for v in versions]
+
+    def load_all(self) -> list[Migration]:
+        """Every migration, imported and validated (``validate``, the CLI)."""
+        return self.load(self.versions)
+
+    def __getitem__(self, version: int) -> Migration:
+        if version not in self._by_version:
+            raise KeyError(version)
+        return self.load([version])[0]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.versions)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def catalog(source: MigrationSource) -> Catalog:
+    """The migrations of ``source`` (a directory, a dotted package name, or ``Migration``
+    objects) by version, without importing any migration module."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            found = _load_directory(path)
-        elif isinstance(source, str) and _looks_like_package(source):
-            found = _load_package(source)
-        else:
+            return Catalog(_check_entries(_list_directory(path)))
+        if isinstance(source, str) and _looks_like_package(source):
+            return Catalog(_check_entries(_list_package(source)))
+        raise InvalidMigrations(
+            f"migrations source {str(source)!r} is neither a directory nor an importable "
+            "package; pass a directory path, a dotted package name, or Migration objects"
+        )
+    found = list(source)
+    for item in found:
+        if not isinstance(item, Migration):
             raise InvalidMigrations(
-                f"migrations source {str(source)!r} is neither a directory nor an importable "
-                "package; pass a directory path, a dotted package name, or Migration objects"
+                f"expected Migration objects, got {type(item).__name__}: {item!r}"
             )
-    else:
-        found = list(source)
-        for item in found:
-            if not isinstance(item, Migration):
-                raise InvalidMigrations(
-                    f"expected Migration objects, got {type(item).__name__}: {item!r}"
-                )
-    return _sorted_unique(found)
+    return Catalog.of(found)
 
 
 @dataclass(frozen=True)
@@ -164,57 +239,87 @@ def _looks_like_package(name: str) -> bool:
     return all(part.isidentifier() or part.isdigit() for part in name.split("."))
 
 
-# Loaded directories, by path and the files' sizes and times: loading the same unchanged
-# directory again (another migrate() call in the same process) imports nothing.
-_LOADED: dict[tuple[str, tuple[tuple[str, int, int], ...]], list[Migration]] = {}
-
-
-def _load_directory(directory: Path) -> list[Migration]:
-    files = [f for f in sorted(directory.glob("*.py")) if not f.name.startswith("_")]
-    stamps = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    key = (str(directory.resolve()), stamps)
-    if key not in _LOADED:
-        _LOADED[key] = _import_directory(directory, files)
-    return list(_LOADED[key])
-
-
-def _import_directory(directory: Path, files: list[Path]) -> list[Migration]:
+def _list_directory(directory: Path) -> list[Entry]:
     # A per-directory prefix keeps two migration directories with equal file names apart
     # in sys.modules.
-    digest = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
+    prefix = "_bootmigrate_" + hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
     found = []
-    for file in files:
-        version, name = _parse_file_name(file.stem, file)
-        module = _import_file(file, f"_bootmigrate_{digest}_{file.stem}")
-        found.append(_from_module(module, version, name, str(file)))
+    with os.scandir(directory) as listing:  # one listing; no file is opened or stat'ed
+        for item in listing:
+            if item.name.endswith(".py") and not item.name.startswith("_"):
+                stem = item.name[:-3]
+                version, name = _parse_file_name(stem, item.path)
+                found.append(Entry(version, name, item.path, f"{prefix}_{stem}"))
     return found
 
 
-def _load_package(package_name: str) -> list[Migration]:
+def _list_package(package_name: str) -> list[Entry]:
     try:
-        package = importlib.import_module(package_name)
-    except ImportError as exc:
+        # Finds the package's directory; imports its parents, never its migration modules.
+        spec = importlib.util.find_spec(package_name)
+    except (ImportError, ValueError) as exc:
         raise InvalidMigrations(
             f"migrations package {package_name!r} cannot be imported: {exc}"
         ) from exc
-    paths = getattr(package, "__path__", None)
+    if spec is None:
+        raise InvalidMigrations(
+            f"migrations package {package_name!r} cannot be imported: no module named "
+            f"{package_name!r}"
+        )
+    paths = spec.submodule_search_locations
     if paths is None:
         raise InvalidMigrations(
             f"{package_name!r} is a module, not a package; migrations must be modules inside "
             "a package (a directory with __init__.py)"
         )
     found = []
-    for info in sorted(pkgutil.iter_modules(paths), key=lambda i: i.name):
+    for info in pkgutil.iter_modules(list(paths)):
         if info.name.startswith("_"):
             continue
         origin = f"{package_name}.{info.name}"
         version, name = _parse_file_name(info.name, origin)
-        try:
-            module = importlib.import_module(origin)
-        except Exception as exc:
-            raise InvalidMigrations(f"migration {origin} failed to import: {exc!r}") from exc
-        found.append(_from_module(module, version, name, origin))
+        found.append(Entry(version, name, origin, origin))
     return found
+
+
+def _check_entries(entries: list[Entry]) -> list[Entry]:
+    """Refuse what the file names alone show to be wrong: a version that is not positive, or
+    one declared twice."""
+    by_version: dict[int, Entry] = {}
+    for entry in entries:
+        if entry.version <= 0:
+            raise InvalidMigrations(
+                f"migration {entry.origin}: version must be a positive int, got {entry.version!r}"
+            )
+        other = by_version.setdefault(entry.version, entry)
+        if other is not entry:
+            first, second = sorted([other.origin, entry.origin])
+            raise InvalidMigrations(
+                f"version {entry.version} is declared twice: by {first!r} and by {second!r}; "
+                "give one of them the next free version"
+            )
+    return entries
+
+
+# Migrations imported from files, by path, time and size: another migrate() call in the same
+# process imports nothing again, and an edited file is imported anew.
+_FILES: dict[tuple[str, int, int], Migration] = {}
+
+
+def _load_entry(entry: Entry) -> Migration:
+    if entry.module == entry.origin:  # a module of a package
+        try:
+            module = importlib.import_module(entry.module)
+        except Exception as exc:
+            raise InvalidMigrations(f"migration {entry.origin} failed to import: {exc!r}") from exc
+        return _from_module(module, entry.version, entry.name, entry.origin)
+    file = Path(entry.origin)
+    stat = file.stat()
+    stamp = (entry.origin, stat.st_mtime_ns, stat.st_size)
+    if stamp not in _FILES:
+        module = _import_file(file, entry.module)
+        _FILES[stamp] = _from_module(module, entry.version, entry.name, entry.origin)
+    return _FILES[stamp]
 
 
 def _parse_file_name(stem: str, origin: object) -> tuple[int, str]:

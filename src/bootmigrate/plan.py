@@ -1,13 +1,18 @@
-"""What a call has to do, decided from the database version alone (pure, no I/O)."""
+"""What a call has to do, decided from the database version alone (pure, no I/O).
+
+A :class:`Route` is decided from versions alone, so a call with nothing to do imports no
+migration module; :meth:`Route.plan` imports the modules of the steps that will run.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .control import Control
 from .errors import DatabaseAhead, InvalidMigrations, InvalidTarget, UnsupportedUpgrade
-from .migrations import Migration, MigrationStep
+from .migrations import Catalog, Migration, MigrationStep
 
 Target = int | Literal["latest"]
 #: How a step runs its migration: forward, backward, or forward again in place.
@@ -96,17 +101,66 @@ class Plan:
         return f"run migration {first.migration.version} ({first.direction}){more}"
 
 
-def latest_version(known: list[Migration]) -> int:
-    return known[-1].version if known else 0
+#: What a planner reads: in-code migrations, or a catalog whose modules are imported only for
+#: the steps a plan runs.
+Known = Catalog | Sequence[Migration]
 
 
-def resolve_target(target: Target, known: list[Migration]) -> int:
+@dataclass(frozen=True)
+class Move:
+    """One step of a route: a migration's version, the direction, the versions around it."""
+
+    version: int
+    direction: Direction
+    version_before: int
+    version_after: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """A plan decided from versions alone (file names), before any migration is imported:
+    enough to tell that nothing is to be done, or where a wait-only call waits for."""
+
+    from_version: int
+    to_version: int
+    moves: tuple[Move, ...]
+    ahead: bool = False
+
+    def plan(self, known: Known) -> Plan:
+        """The plan that runs this route: imports the modules of its steps only (through
+        ``known`` if it is a catalog), and refuses a down step with no ``down``."""
+        found = _catalog(known).load(m.version for m in self.moves)
+        by_version = {m.version: m for m in found}
+        missing = [
+            by_version[m.version].label()
+            for m in self.moves
+            if m.direction == "down" and by_version[m.version].down is None
+        ]
+        if missing:
+            raise InvalidMigrations(
+                f"cannot migrate down from {self.from_version} to {self.to_version}: no `down` "
+                f"in {', '.join(missing)}; add `async def down(db)` to each, or pick a higher "
+                "target"
+            )
+        steps = tuple(
+            Step(by_version[m.version], m.direction, m.version_before, m.version_after)
+            for m in self.moves
+        )
+        return Plan(self.from_version, self.to_version, steps, self.ahead)
+
+
+def latest_version(known: Known) -> int:
+    versions = _versions(known)
+    return versions[-1] if versions else 0
+
+
+def resolve_target(target: Target, known: Known) -> int:
     """``"latest"`` or a version; an int must be 0 or a version this build knows."""
     if target == "latest":
         return latest_version(known)
     if isinstance(target, bool) or not isinstance(target, int):
         raise InvalidTarget(f"target must be 'latest' or a version number, got {target!r}")
-    if target != 0 and target not in {m.version for m in known}:
+    if target != 0 and target not in _versions(known):
         raise InvalidTarget(
             f"target {target} is not a version this build knows "
             f"(known: {_span(known)}); pass 'latest', 0, or one of those versions"
@@ -116,7 +170,7 @@ def resolve_target(target: Target, known: list[Migration]) -> int:
 
 def make_plan(
     version: int,
-    known: list[Migration],
+    known: Known,
     target: Target,
     *,
     floor: int | None,
@@ -124,11 +178,28 @@ def make_plan(
     floor_release: str | None = None,
 ) -> Plan:
     """Plan a move from ``version`` to ``target``, refusing what must not be attempted."""
+    route = make_route(
+        version, known, target, floor=floor, fresh=fresh, floor_release=floor_release
+    )
+    return route.plan(known)
+
+
+def make_route(
+    version: int,
+    known: Known,
+    target: Target,
+    *,
+    floor: int | None,
+    fresh: bool,
+    floor_release: str | None = None,
+) -> Route:
+    """:func:`make_plan` from the versions alone: imports nothing."""
+    versions = _versions(known)
     wanted = resolve_target(target, known)
     latest = latest_version(known)
     if version > latest:
         if target == "latest":
-            return Plan(version, version, (), ahead=True)
+            return Route(version, version, (), ahead=True)
         raise DatabaseAhead(db_version=version, latest=latest, wanted=wanted)
     if version < wanted:
         lowest = default_floor(known) if floor is None else floor
@@ -136,12 +207,10 @@ def make_plan(
             raise UnsupportedUpgrade(
                 db_version=version, floor=lowest, known=_span(known), release=floor_release
             )
-        ups = [m for m in known if version < m.version <= wanted]
-        befores = [version] + [m.version for m in ups[:-1]]
-        steps = tuple(
-            Step(m, "up", before, m.version) for m, before in zip(ups, befores, strict=True)
-        )
-        return Plan(version, wanted, steps)
+        ups = [v for v in versions if version < v <= wanted]
+        befores = [version, *ups[:-1]]
+        moves = tuple(Move(v, "up", before, v) for v, before in zip(ups, befores, strict=True))
+        return Route(version, wanted, moves)
     if version > wanted:
         lowest = default_floor(known) if floor is None else floor
         if wanted < lowest:
@@ -149,28 +218,26 @@ def make_plan(
                 f"cannot migrate down to {wanted}: below version {lowest}, the oldest this "
                 f"build knows how to reach (its migrations: {_span(known)})"
             )
-        undo = [m for m in reversed(known) if wanted < m.version <= version]
-        missing = [m.label() for m in undo if m.down is None]
-        if missing:
-            raise InvalidMigrations(
-                f"cannot migrate down from {version} to {wanted}: no `down` in "
-                f"{', '.join(missing)}; add `async def down(db)` to each, or pick a higher target"
-            )
-        befores = [version] + [m.version for m in undo[1:]]
-        afters = [m.version for m in undo[1:]] + [wanted]
-        steps = tuple(
-            Step(m, "down", before, after)
-            for m, before, after in zip(undo, befores, afters, strict=True)
+        undo = [v for v in reversed(versions) if wanted < v <= version]
+        befores = [version, *undo[1:]]
+        afters = [*undo[1:], wanted]
+        moves = tuple(
+            Move(v, "down", before, after)
+            for v, before, after in zip(undo, befores, afters, strict=True)
         )
-        return Plan(version, wanted, steps)
-    return Plan(version, version, ())
+        return Route(version, wanted, moves)
+    return Route(version, version, ())
 
 
-def make_rerun_plan(version: int, known: list[Migration], rerun: int) -> Plan:
+def make_rerun_plan(version: int, known: Known, rerun: int) -> Plan:
     """Run one applied migration's ``up`` again, leaving the version as it is (Rocket.Chat's
     ``N,rerun``)."""
-    found = [m for m in known if m.version == rerun]
-    if not found:
+    return make_rerun_route(version, known, rerun).plan(known)
+
+
+def make_rerun_route(version: int, known: Known, rerun: int) -> Route:
+    """:func:`make_rerun_plan` from the versions alone: imports nothing."""
+    if rerun not in _versions(known):
         raise InvalidTarget(
             f"cannot rerun version {rerun}: this build has no such migration "
             f"(known: {_span(known)})"
@@ -180,12 +247,12 @@ def make_rerun_plan(version: int, known: list[Migration], rerun: int) -> Plan:
             f"cannot rerun version {rerun}: the database is at version {version}, so it has "
             "not been applied yet; migrate up instead"
         )
-    return Plan(version, version, (Step(found[0], "rerun", version, version),))
+    return Route(version, version, (Move(rerun, "rerun", version, version),))
 
 
 def plan_for(
     control: Control,
-    known: list[Migration],
+    known: Known,
     *,
     target: Target = "latest",
     floor: int | None = None,
@@ -193,9 +260,25 @@ def plan_for(
     floor_release: str | None = None,
 ) -> Plan:
     """The plan of a call that read ``control``: a rerun, or a move to ``target``."""
+    route = route_for(
+        control, known, target=target, floor=floor, rerun=rerun, floor_release=floor_release
+    )
+    return route.plan(known)
+
+
+def route_for(
+    control: Control,
+    known: Known,
+    *,
+    target: Target = "latest",
+    floor: int | None = None,
+    rerun: int | None = None,
+    floor_release: str | None = None,
+) -> Route:
+    """:func:`plan_for` from the versions alone: imports nothing."""
     if rerun is not None:
-        return make_rerun_plan(control.version, known, rerun)
-    return make_plan(
+        return make_rerun_route(control.version, known, rerun)
+    return make_route(
         control.version,
         known,
         target,
@@ -205,13 +288,25 @@ def plan_for(
     )
 
 
-def default_floor(known: list[Migration]) -> int:
+def default_floor(known: Known) -> int:
     """The database must already be at the version just before this build's oldest
     migration: anything older needs migrations this build no longer ships."""
-    return known[0].version - 1 if known else 0
+    versions = _versions(known)
+    return versions[0] - 1 if versions else 0
 
 
-def _span(known: list[Migration]) -> str:
-    if not known:
+def _versions(known: Known) -> list[int]:
+    if isinstance(known, Catalog):
+        return known.versions
+    return [m.version for m in known]
+
+
+def _catalog(known: Known) -> Catalog:
+    return known if isinstance(known, Catalog) else Catalog.of(known)
+
+
+def _span(known: Known) -> str:
+    versions = _versions(known)
+    if not versions:
         return "none"
-    return f"{known[0].version}..{known[-1].version}"
+    return f"{versions[0]}..{versions[-1]}"

@@ -37,8 +37,8 @@ from .errors import (
 )
 from .events import Emitter, Hook
 from .lock import ControlLock, HeldLock, LockBusy
-from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
-from .plan import Plan, Target, latest_version, plan_for, resolve_target
+from .migrations import Catalog, Migration, MigrationSource, catalog, floor_in_force
+from .plan import Plan, Route, Target, resolve_target, route_for
 from .report import MigrationReport
 from .servers import Server, detect_server, prepare_transactions, refuse_unsafe_lock
 from .settings import Settings
@@ -231,7 +231,9 @@ async def _migrate(
     request = None
     if settings.target == "latest" and settings.rerun is None:
         request = parse_version_request(raw_request)
-    known = load_migrations(migrations)
+    # Versions and names from the file names: no migration module is imported until a step
+    # that will run needs it.
+    known = catalog(migrations)
     if request is not None and request.rerun is not None and not settings.apply:
         # The environment a Job and its wait-only app pods share: the rerun is the Job's.
         events.emit(
@@ -262,7 +264,7 @@ async def _migrate(
     # One deadline for the whole call, the drift check included.
     deadline = Deadline.after(settings.wait_timeout)
     if settings.validate:
-        await _refuse_drift(lock, known, deadline)
+        await _refuse_drift(lock, known.load_all(), deadline)
     report = await Runner(db, known, settings, lock, rerun_once=not explicit_rerun).run(deadline)
     if request is not None and request.exit:
         report = replace(report, exit_requested=True)
@@ -376,7 +378,7 @@ class Runner:
     def __init__(
         self,
         db: Any,
-        known: list[Migration],
+        known: Catalog,
         settings: Settings,
         lock: ControlLock,
         *,
@@ -386,7 +388,9 @@ class Runner:
         # A rerun asked for at boot runs once per build, not once per replica.
         self.rerun_once = rerun_once and settings.rerun is not None
         self.known = known
-        self.by_version: Mapping[int, Migration] = {m.version: m for m in known}
+        # Looking a migration up imports its module: only a takeover that must know whether
+        # the dead holder's migration is safe to repeat does.
+        self.by_version: Mapping[int, Migration] = known
         self.settings = settings
         self.lock = lock
         self._server: Server | None = None
@@ -468,31 +472,35 @@ class Runner:
         with sorted_errors("read the control document"):
             control = await self._read(deadline)
         self._check_writable(control)
-        plan = self._plan(control)
-        if not plan.steps:
+        # Decided from the versions alone: nothing is imported unless a step is to run here.
+        route = self._route(control)
+        if not route.moves:
             # A lock abandoned after its last migration is left alone here: telling a dead
             # holder from a live one takes watching it for a lease, which an up-to-date boot
             # must not pay. The next boot with work to do takes it over.
-            return self._nothing_to_do(control, plan)
+            return self._nothing_to_do(control, route)
         if not self.settings.apply:
-            self._wait_only(control, plan)
+            self._wait_only(control, route)
         if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
             with sorted_errors("create the control document (fresh='skip')"):
-                created = await self.lock.skip_fresh(plan.to_version, deadline)
+                created = await self.lock.skip_fresh(route.to_version, deadline)
             if created:
                 self.events.emit(
                     "fresh_skipped",
                     "fresh database: set to version %d without running migrations",
-                    plan.to_version,
-                    db_version=plan.to_version,
+                    route.to_version,
+                    db_version=route.to_version,
                 )
-                return MigrationReport(from_version=0, to_version=plan.to_version)
+                return MigrationReport(from_version=0, to_version=route.to_version)
         else:
             if self.rerun_once and not control.locked:
                 with sorted_errors("read the history for the requested rerun"):
                     done = await self._rerun_done(deadline)
                 if done is not None:
                     return done
+            # The steps' modules are imported here, so a bad one that would run is refused
+            # (InvalidMigrations) before the lock is taken and anything is written.
+            plan = route.plan(self.known)
             with sorted_errors("take the migration lock"):
                 held = await self._take(control, plan, deadline)
             if held is not None:
@@ -527,7 +535,7 @@ class Runner:
             holder=self.lock.owner.as_document(),
         )
 
-    def _wait_only(self, control: Control, plan: Plan) -> NoReturn:
+    def _wait_only(self, control: Control, plan: Route) -> NoReturn:
         """A wait-only call (``apply=False``) with work left: fail fast on a stuck lock (only
         an operator can clear it), else wait for whoever migrates."""
         if control.stuck:
@@ -615,8 +623,8 @@ class Runner:
             self._first_seen = control
         return control
 
-    def _plan(self, control: Control) -> Plan:
-        return plan_for(
+    def _route(self, control: Control) -> Route:
+        return route_for(
             control,
             self.known,
             target=self.settings.target,
@@ -625,9 +633,12 @@ class Runner:
             floor_release=self.settings.floor_release,
         )
 
-    def _nothing_to_do(self, control: Control, plan: Plan) -> MigrationReport:
+    def _plan(self, control: Control) -> Plan:
+        return self._route(control).plan(self.known)
+
+    def _nothing_to_do(self, control: Control, plan: Route) -> MigrationReport:
         if plan.ahead:
-            latest = latest_version(self.known)
+            latest = self.known.latest
             if self.settings.on_ahead == "error":
                 raise DatabaseAhead(db_version=control.version, latest=latest, wanted=None)
             self.events.emit(
