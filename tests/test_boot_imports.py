@@ -118,6 +118,22 @@ async def test_only_the_modules_of_the_steps_to_run_are_imported(db: Any, tmp_pa
 
 
 @pytest.mark.anyio
+async def test_fresh_skip_runs_nothing_so_imports_nothing(db: Any, tmp_path: Path) -> None:
+    marker = (tmp_path / "marker").resolve()
+    marker.mkdir()
+    migrations = write_migrations(
+        tmp_path / "migrations",
+        {"0001_raises.py": marking(marker, 1, RAISES), "0002_syntax_error.py": SYNTAX_ERROR},
+    )
+
+    report = await migrate(db, migrations, fresh="skip")
+
+    assert (report.to_version, report.applied) == (2, [])
+    assert (await db.migrations.find_one({"_id": "control"}))["version"] == 2
+    assert imported(marker) == []
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("form", ["directory", "package"])
 async def test_floor_is_read_without_importing_the_steps(
     db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str

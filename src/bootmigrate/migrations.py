@@ -198,7 +198,12 @@ def declared_floor(source: MigrationSource) -> Floor | None:
             if init.exists():
                 module = _import_init(init)
         elif isinstance(source, str) and _looks_like_package(source):
-            module = importlib.import_module(source)
+            try:
+                module = importlib.import_module(source)
+            except Exception as exc:
+                raise InvalidMigrations(
+                    f"migrations package {source!r} cannot be imported: {exc!r}"
+                ) from exc
     if module is None or getattr(module, "FLOOR", None) is None:
         return None
     version, release = module.FLOOR, getattr(module, "FLOOR_RELEASE", None)
