@@ -15,6 +15,11 @@ from typing import TypeVar
 
 import anyio
 
+# anyio imports its asyncio backend when a task group is first made (about 20 ms): loaded
+# with bootmigrate, so that it is not paid inside the first migrate() of a process. Every
+# call needs it (motor and PyMongo async run on asyncio only).
+import anyio._backends._asyncio
+
 T = TypeVar("T")
 
 
