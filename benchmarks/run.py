@@ -17,6 +17,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import boot_cost
+import boot_files
 import compare
 import handoff
 import import_cost
@@ -125,6 +126,14 @@ def main() -> None:
 
     print("5. import cost")
     print(table(import_cost.run()))
+
+    runs = 10 if args.quick else 30
+    print(
+        "\n6. up-to-date boot from a migrations directory of 10, 100, 1000 files, a fresh "
+        f"process per run (medians of {runs})"
+    )
+    with server() as uri:
+        print(table(boot_files.run(uri, runs, ["pymongo", "motor"], [10, 100, 1000])))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 from .errors import InvalidMigrations
 
@@ -89,48 +89,46 @@ def load_migrations(source: MigrationSource) -> list[Migration]:
     return catalog(source).load_all()
 
 
-class Entry(NamedTuple):
-    """A migration as its file name tells it, before its module is imported."""
-
-    version: int
-    name: str
-    # The file's path (a directory) or the module's dotted name (a package).
-    origin: str
-    # The name the module is imported under (a package's own dotted name).
-    module: str
-
-    def label(self) -> str:
-        return f"{self.version:04d} {self.name}".rstrip()
-
-
 class Catalog(Mapping[int, Migration]):
     """The migrations of one source by version, known from file names alone.
 
-    Versions and names come from one directory listing; a module is imported only when its
-    migration is looked up (``catalog[v]``) or loaded (:meth:`load`), so a boot with nothing to
-    run imports none, and a bad module that will not run blocks nothing. What the names say
-    (a missing version prefix, a version declared twice) is refused when the catalog is made.
+    Versions come from one directory listing; a module is imported only when its migration
+    is looked up (``catalog[v]``) or loaded (:meth:`load`), so a boot with nothing to run
+    imports none, and a bad module that will not run blocks nothing. What the names say (a
+    missing version prefix, a version declared twice) is refused when the catalog is made.
+
+    ``stems`` maps each version to its module's name (``0007_backfill``) in ``package`` (a
+    dotted name) or, without one, in ``folder`` (a directory path ending in a separator),
+    imported under ``prefix`` + ``_`` + the name.
     """
 
-    def __init__(self, entries: Iterable[Entry], loaded: Iterable[Migration] = ()) -> None:
-        self.entries = tuple(sorted(entries, key=lambda e: e.version))
-        self._by_version = {e.version: e for e in self.entries}
+    def __init__(
+        self,
+        stems: Mapping[int, str] | None = None,
+        *,
+        folder: str = "",
+        prefix: str = "",
+        package: str = "",
+        loaded: Iterable[Migration] = (),
+    ) -> None:
+        self._stems = dict(stems or {})
+        self._folder, self._prefix, self._package = folder, prefix, package
         self._loaded = {m.version: m for m in loaded}
+        self.versions = sorted(self._stems.keys() | self._loaded.keys())
 
     @classmethod
     def of(cls, migrations: Iterable[Migration]) -> Catalog:
         """A catalog of migrations made in code (nothing to import)."""
-        found = _sorted_unique(list(migrations))
-        entries = [Entry(m.version, m.name, m.source, "") for m in found]
-        return cls(entries, found)
-
-    @property
-    def versions(self) -> list[int]:
-        return [e.version for e in self.entries]
+        return cls(loaded=_sorted_unique(list(migrations)))
 
     @property
     def latest(self) -> int:
-        return self.entries[-1].version if self.entries else 0
+        return self.versions[-1] if self.versions else 0
+
+    def origin(self, version: int) -> str:
+        """Where migration ``version`` is: its file's path, or its module's dotted name."""
+        stem = self._stems[version]
+        return f"{self._package}.{stem}" if self._package else f"{self._folder}{stem}.py"
 
     def load(self, versions: Iterable[int]) -> list[Migration]:
         """The migrations of ``versions``, importing their modules (once); raises
@@ -138,15 +136,31 @@ class Catalog(Mapping[int, Migration]):
         versions = sorted(set(versions))
         for version in versions:
             if version not in self._loaded:
-                self._loaded[version] = _load_entry(self._by_version[version])
+                self._loaded[version] = self._import(version)
         return [self._loaded[v] for v in versions]
 
     def load_all(self) -> list[Migration]:
         """Every migration, imported and validated (``validate``, the CLI)."""
         return self.load(self.versions)
 
+    def _import(self, version: int) -> Migration:
+        stem, origin = self._stems[version], self.origin(version)
+        name = stem.partition("_")[2]
+        if self._package:
+            try:
+                module = importlib.import_module(origin)
+            except Exception as exc:
+                raise InvalidMigrations(f"migration {origin} failed to import: {exc!r}") from exc
+            return _from_module(module, version, name, origin)
+        stat = os.stat(origin)
+        stamp = (origin, stat.st_mtime_ns, stat.st_size)
+        if stamp not in _FILES:
+            module = _import_file(Path(origin), f"{self._prefix}_{stem}")
+            _FILES[stamp] = _from_module(module, version, name, origin)
+        return _FILES[stamp]
+
     def __getitem__(self, version: int) -> Migration:
-        if version not in self._by_version:
+        if version not in self._stems and version not in self._loaded:
             raise KeyError(version)
         return self.load([version])[0]
 
@@ -154,7 +168,12 @@ class Catalog(Mapping[int, Migration]):
         return iter(self.versions)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.versions)
+
+
+# Migrations imported from files, by path, time and size: another migrate() call in the same
+# process imports nothing again, and an edited file is imported anew.
+_FILES: dict[tuple[str, int, int], Migration] = {}
 
 
 def catalog(source: MigrationSource) -> Catalog:
@@ -163,9 +182,9 @@ def catalog(source: MigrationSource) -> Catalog:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            return Catalog(_check_entries(_list_directory(path)))
+            return _list_directory(path)
         if isinstance(source, str) and _looks_like_package(source):
-            return Catalog(_check_entries(_list_package(source)))
+            return _list_package(source)
         raise InvalidMigrations(
             f"migrations source {str(source)!r} is neither a directory nor an importable "
             "package; pass a directory path, a dotted package name, or Migration objects"
@@ -244,21 +263,27 @@ def _looks_like_package(name: str) -> bool:
     return all(part.isidentifier() or part.isdigit() for part in name.split("."))
 
 
-def _list_directory(directory: Path) -> list[Entry]:
+def _list_directory(directory: Path) -> Catalog:
     # A per-directory prefix keeps two migration directories with equal file names apart
     # in sys.modules.
     prefix = "_bootmigrate_" + hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
-    found = []
-    with os.scandir(directory) as listing:  # one listing; no file is opened or stat'ed
-        for item in listing:
-            if item.name.endswith(".py") and not item.name.startswith("_"):
-                stem = item.name[:-3]
-                version, name = _parse_file_name(stem, item.path)
-                found.append(Entry(version, name, item.path, f"{prefix}_{stem}"))
-    return found
+    folder = os.path.join(directory, "")
+    versions, stems = [], []
+    # One listing, no file opened or stat'ed: this runs on every boot, for every file.
+    for file_name in os.listdir(directory):
+        if file_name.endswith(".py") and not file_name.startswith("_"):
+            stem = file_name[:-3]
+            head, _, tail = stem.partition("_")
+            if head.isdecimal() and tail.isidentifier():  # the common case, without a regex
+                versions.append(int(head))
+            else:
+                versions.append(_parse_file_name(stem, folder + file_name)[0])
+            stems.append(stem)
+    found = _checked(versions, stems, lambda stem: f"{folder}{stem}.py")
+    return Catalog(found, folder=folder, prefix=prefix)
 
 
-def _list_package(package_name: str) -> list[Entry]:
+def _list_package(package_name: str) -> Catalog:
     try:
         # Finds the package's directory; imports its parents, never its migration modules.
         spec = importlib.util.find_spec(package_name)
@@ -277,54 +302,34 @@ def _list_package(package_name: str) -> list[Entry]:
             f"{package_name!r} is a module, not a package; migrations must be modules inside "
             "a package (a directory with __init__.py)"
         )
-    found = []
+    versions, stems = [], []
     for info in pkgutil.iter_modules(list(paths)):
-        if info.name.startswith("_"):
-            continue
-        origin = f"{package_name}.{info.name}"
-        version, name = _parse_file_name(info.name, origin)
-        found.append(Entry(version, name, origin, origin))
+        if not info.name.startswith("_"):
+            versions.append(_parse_file_name(info.name, f"{package_name}.{info.name}")[0])
+            stems.append(info.name)
+    found = _checked(versions, stems, lambda stem: f"{package_name}.{stem}")
+    return Catalog(found, package=package_name)
+
+
+def _checked(versions: list[int], stems: list[str], origin: Callable[[str], str]) -> dict[int, str]:
+    """Versions to module names, refusing what the names alone show to be wrong: version 0,
+    or a version declared twice."""
+    found = dict(zip(versions, stems, strict=True))
+    if 0 in found:
+        raise InvalidMigrations(
+            f"migration {origin(found[0])}: version must be a positive int, got 0"
+        )
+    if len(found) != len(stems):
+        seen: dict[int, str] = {}
+        for version, stem in zip(versions, stems, strict=True):
+            other = seen.setdefault(version, stem)
+            if other != stem:
+                first, second = sorted([origin(other), origin(stem)])
+                raise InvalidMigrations(
+                    f"version {version} is declared twice: by {first!r} and by {second!r}; "
+                    "give one of them the next free version"
+                )
     return found
-
-
-def _check_entries(entries: list[Entry]) -> list[Entry]:
-    """Refuse what the file names alone show to be wrong: a version that is not positive, or
-    one declared twice."""
-    by_version: dict[int, Entry] = {}
-    for entry in entries:
-        if entry.version <= 0:
-            raise InvalidMigrations(
-                f"migration {entry.origin}: version must be a positive int, got {entry.version!r}"
-            )
-        other = by_version.setdefault(entry.version, entry)
-        if other is not entry:
-            first, second = sorted([other.origin, entry.origin])
-            raise InvalidMigrations(
-                f"version {entry.version} is declared twice: by {first!r} and by {second!r}; "
-                "give one of them the next free version"
-            )
-    return entries
-
-
-# Migrations imported from files, by path, time and size: another migrate() call in the same
-# process imports nothing again, and an edited file is imported anew.
-_FILES: dict[tuple[str, int, int], Migration] = {}
-
-
-def _load_entry(entry: Entry) -> Migration:
-    if entry.module == entry.origin:  # a module of a package
-        try:
-            module = importlib.import_module(entry.module)
-        except Exception as exc:
-            raise InvalidMigrations(f"migration {entry.origin} failed to import: {exc!r}") from exc
-        return _from_module(module, entry.version, entry.name, entry.origin)
-    file = Path(entry.origin)
-    stat = file.stat()
-    stamp = (entry.origin, stat.st_mtime_ns, stat.st_size)
-    if stamp not in _FILES:
-        module = _import_file(file, entry.module)
-        _FILES[stamp] = _from_module(module, entry.version, entry.name, entry.origin)
-    return _FILES[stamp]
 
 
 def _parse_file_name(stem: str, origin: object) -> tuple[int, str]:
