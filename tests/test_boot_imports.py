@@ -12,8 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from bootmigrate import InvalidMigrations, Migration, UnsupportedUpgrade, migrate
+from bootmigrate import ControlLocked, InvalidMigrations, Migration, UnsupportedUpgrade, migrate
 from bootmigrate.events import Event
+from tests.in_process import dead_holder_lock
 from tests.migration_files import write_migrations
 
 
@@ -115,6 +116,31 @@ async def test_only_the_modules_of_the_steps_to_run_are_imported(db: Any, tmp_pa
 
     assert report.applied == [3, 4]
     assert imported(marker) == ["3", "4"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_a_takeover_reads_idempotent_from_the_dead_holders_module_only(
+    db: Any, tmp_path: Path, idempotent: bool
+) -> None:
+    marker = (tmp_path / "marker").resolve()
+    marker.mkdir()
+    migrations = write_migrations(
+        tmp_path / "migrations",
+        {
+            "0001_applied_but_broken.py": marking(marker, 1, RAISES),
+            "0002_interrupted.py": marking(marker, 2, f"idempotent = {idempotent}\n" + GOOD),
+        },
+    )
+    await dead_holder_lock(db, version=1, running=2)
+
+    if idempotent:
+        report = await migrate(db, migrations)
+        assert (report.holder, report.applied) == (True, [2])
+    else:
+        with pytest.raises(ControlLocked, match="migration 2 step_2 was interrupted"):
+            await migrate(db, migrations)
+    assert imported(marker) == ["2"]
 
 
 @pytest.mark.anyio
