@@ -76,7 +76,8 @@ async def migrate(
     service should not boot past (``bootmigrate.errors`` lists them).
 
     ``db``: a PyMongo async (``AsyncMongoClient()[name]``) or motor database.
-    ``migrations``: a directory, a dotted package name, or ``Migration`` objects.
+    ``migrations``: a directory, a dotted package name, or ``Migration`` objects; versions
+    come from the file names, and a module is imported only when its step is to run.
     ``target``: ``"latest"``, or a version (lower than the database's: run ``down`` steps).
     ``collection`` holds the control document; ``history_collection`` the history
     (default ``<collection>_history``). ``build`` names this build on the lock (default: env
