@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import anyio
@@ -10,6 +11,7 @@ import pytest
 from bootmigrate import Migration, migrate
 from bootmigrate.watch import ControlWatch
 from tests.clients import open_client
+from tests.command_monitor import CommandLog
 from tests.databases import async_database
 from tests.in_process import recorders
 
@@ -85,3 +87,39 @@ async def test_waiters_on_a_standalone_server_still_see_the_holder_finish(
 
     assert reports["holder"].holder and reports["waiter"].to_version == 2
     assert not reports["waiter"].holder
+
+
+async def test_a_holders_progress_writes_do_not_wake_its_waiters(
+    driver: str, mongo_uri: str, db: Any, bootmigrate_log: Any
+) -> None:
+    """A migration reporting progress every 100 ms: each of those writes changes the control
+    document, but none changes a waiter's decision. A waiter's load stays that of its polls
+    and its idle stream (two or three commands a second), not one wake (a getMore and a
+    read) per progress write."""
+    done, window = anyio.Event(), 3.0
+
+    async def reporting(db: Any, ctx: Any) -> None:
+        count = 0
+        while not done.is_set():
+            count += 1
+            await ctx.progress(count, 0)
+            await anyio.sleep(0.1)
+
+    migrations = [Migration(version=1, up=reporting, name="reporting")]
+    commands = CommandLog()
+    async with (
+        open_client(driver, mongo_uri, event_listeners=[commands]) as waiter_client,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(lambda: migrate(db, migrations, wait_timeout=60))
+        await bootmigrate_log.wait_for("took the migration lock")
+        tasks.start_soon(lambda: migrate(waiter_client[db.name], migrations, wait_timeout=60))
+        await bootmigrate_log.wait_for("waiting for")
+        await anyio.sleep(2.0)  # past the first quick polls: the steady load
+        commands.clear()
+        await anyio.sleep(window)
+        sent = commands.names()
+        done.set()
+
+    per_second = len(sent) / window
+    assert per_second < 4.0, (per_second, Counter(sent))
