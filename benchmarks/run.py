@@ -21,6 +21,7 @@ import boot_files
 import compare
 import handoff
 import import_cost
+import waiter_load
 from common import server, table
 
 
@@ -60,12 +61,14 @@ def migration_rows(
     ours: list[dict[str, Any]], others: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     base = float(ours[0]["ms per migration"])
+    model = next(float(r["ms per migration"]) for r in ours if r["algorithm"] == "rocketchat")
     rows = [
         {
             "tool": f"{r['algorithm']} ({r['driver']})",
             "ms per migration": r["ms per migration"],
             "round trips per migration": r["round trips per migration"],
             "vs bootmigrate": f"{float(r['ms per migration']) / base:.2f}",
+            "vs Rocket.Chat model": f"{float(r['ms per migration']) / model:.2f}",
         }
         for r in ours
     ]
@@ -79,6 +82,7 @@ def migration_rows(
                 "ms per migration": f"{per:.3f}",
                 "round trips per migration": trips,
                 "vs bootmigrate": f"{per / base:.2f}",
+                "vs Rocket.Chat model": f"{per / model:.2f}",
             }
         )
     return rows
@@ -123,6 +127,10 @@ def main() -> None:
                 rows.append(handoff.measure(uri, 16, hold * 4))  # does load grow with time?
             rows.append(handoff.measure(uri, 16, hold, algorithm="rocketchat"))
         print(table(rows), "\n")
+
+    print("6. load while waiting on a holder that reports progress every 100 ms (4 waiters)")
+    with server() as uri:
+        print(table(waiter_load.run(uri)), "\n")
 
     print("5. import cost")
     print(table(import_cost.run()))
