@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 from common import Commands, client, close
 
 from bootmigrate import Migration, migrate
+
+# The table is the output; bootmigrate's own lines would bury it.
+logging.getLogger("bootmigrate").setLevel(logging.WARNING)
 
 PROGRESS_EVERY = 0.1
 
