@@ -12,7 +12,14 @@ from typing import Any
 import anyio
 import pytest
 
-from bootmigrate import ControlLocked, InvalidMigrations, Migration, UnsupportedUpgrade, migrate
+from bootmigrate import (
+    ControlLocked,
+    InvalidMigrations,
+    Migration,
+    NotMigrated,
+    UnsupportedUpgrade,
+    migrate,
+)
 from bootmigrate.events import Event
 from tests.in_process import dead_holder_lock
 from tests.migration_files import write_migrations
@@ -229,3 +236,24 @@ async def test_a_fresh_process_boot_on_an_up_to_date_database_imports_no_module(
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().split() == ["20", "0"]
     assert imported(marker) == []
+
+
+@pytest.mark.anyio
+async def test_a_wait_only_boot_with_work_pending_imports_nothing(db: Any, tmp_path: Path) -> None:
+    """A wait-only replica never runs a step, so it imports none, even a broken one."""
+    marker = (tmp_path / "marker").resolve()
+    marker.mkdir()
+    migrations = write_migrations(
+        tmp_path / "migrations",
+        {
+            "0001_fine.py": marking(marker, 1, GOOD),
+            "0002_raises_at_import.py": marking(marker, 2, RAISES),
+        },
+    )
+    await at_version(db, 1)
+
+    with pytest.raises(NotMigrated):  # it waited, and nothing migrated the database
+        await migrate(db, migrations, apply=False, wait_timeout=0.5)
+
+    assert imported(marker) == []
+    assert our_modules(migrations) == []
