@@ -126,7 +126,6 @@ class Applier:
         # at that time, a transaction's retries included.
         self._migration: anyio.CancelScope | None = None
         self._cut_at = math.inf
-        self._inside = False
 
     async def apply(self, plan: Plan, waited: float) -> MigrationReport:
         """Run ``plan`` with the heartbeat going all along; release at the end.
@@ -165,7 +164,7 @@ class Applier:
         error: Exception | None = None
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(held.keep_alive, tasks.cancel_scope.cancel)
-            tasks.start_soon(self._cut_off_after_grace, stop)
+            tasks.start_soon(self._cut_off_after_grace, stop, state)
             try:
                 await self._run_steps(plan, state, stop)
             except Exception as exc:  # re-raised below, outside the task group
@@ -217,14 +216,14 @@ class Applier:
         before = self.held.control.unfinished_step
         return before is not None and step.is_step(before)
 
-    async def _cut_off_after_grace(self, stop: anyio.Event) -> None:
+    async def _cut_off_after_grace(self, stop: anyio.Event, state: _Progress) -> None:
         """Once the call is asked to stop: the migration running (if any) has the grace to
         finish; then it, and any try of it still to come, is cancelled."""
         await stop.wait()
         self._cut_at = anyio.current_time() + self.shutdown_grace
         if self._migration is not None:
             self._migration.deadline = self._cut_at
-        if self._inside:  # between migrations the loop stops at its next step
+        if state.inside:  # between migrations the loop stops at its next step
             self.events.emit(
                 "stop_requested",
                 "asked to stop while a migration runs: it has %g s (shutdown_grace) to finish",
@@ -246,7 +245,6 @@ class Applier:
             db_version=step.version_before,
         )
         state.inside = True  # stays set if the step is stopped: it is then handled here
-        self._inside = True
         try:
             if migration.transactional:
                 await self._run_in_transaction(run)
@@ -273,7 +271,7 @@ class Applier:
                 db_version=step.version_before,
                 error=f"{type(exc).__name__}: {exc}",
             ) from exc
-        state.inside = self._inside = False
+        state.inside = False
         duration = run.duration()
         if not migration.transactional:  # a transaction committed these with the migration
             await self.held.advance(step.version_after)

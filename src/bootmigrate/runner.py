@@ -154,7 +154,10 @@ async def migrate_with(
         "started", "migrate() started (build %s)", owner.build, level=DEBUG, build=owner.build
     )
     try:
-        report = await _call(db, migrations, settings, owner, events, explicit_rerun)
+        detect_driver(db)
+        report = await in_child_task(
+            lambda: _migrate(db, migrations, settings, owner, events, explicit_rerun=explicit_rerun)
+        )
     except Exception as exc:
         reason = getattr(exc, "reason", None)
         events.emit(
@@ -202,21 +205,6 @@ async def migrate_with(
         duration_s=time.monotonic() - began,
     )
     return report
-
-
-async def _call(
-    db: Any,
-    migrations: MigrationSource,
-    settings: Settings,
-    owner: Owner,
-    events: Emitter,
-    explicit_rerun: bool,
-) -> MigrationReport:
-    """The body of :func:`migrate_with`, between its first and last events."""
-    detect_driver(db)
-    return await in_child_task(
-        lambda: _migrate(db, migrations, settings, owner, events, explicit_rerun=explicit_rerun)
-    )
 
 
 async def _migrate(
