@@ -47,6 +47,14 @@ async def at_version(db: Any, version: int) -> None:
     await migrate(db, [Migration(v, noop, name=f"m{v}") for v in range(1, version + 1)])
 
 
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    """A directory where :func:`marking` modules leave a file when imported."""
+    found = (tmp_path / "marker").resolve()
+    found.mkdir()
+    return found
+
+
 def imported(marker: Path) -> list[str]:
     return sorted(p.name for p in marker.iterdir())
 
@@ -59,10 +67,8 @@ def our_modules(directory: Path) -> list[str]:
 
 @pytest.mark.anyio
 async def test_an_up_to_date_boot_imports_no_module_and_ignores_bad_ones(
-    db: Any, tmp_path: Path
+    db: Any, tmp_path: Path, marker: Path
 ) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
     migrations = write_migrations(
         tmp_path / "migrations",
         {
@@ -84,10 +90,8 @@ async def test_an_up_to_date_boot_imports_no_module_and_ignores_bad_ones(
 
 @pytest.mark.anyio
 async def test_a_broken_module_that_will_run_is_refused_before_any_write(
-    db: Any, tmp_path: Path
+    db: Any, tmp_path: Path, marker: Path
 ) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
     migrations = write_migrations(
         tmp_path / "migrations",
         {
@@ -110,9 +114,9 @@ async def test_a_broken_module_that_will_run_is_refused_before_any_write(
 
 
 @pytest.mark.anyio
-async def test_only_the_modules_of_the_steps_to_run_are_imported(db: Any, tmp_path: Path) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
+async def test_only_the_modules_of_the_steps_to_run_are_imported(
+    db: Any, tmp_path: Path, marker: Path
+) -> None:
     migrations = write_migrations(
         tmp_path / "migrations",
         {f"000{v}_step.py": marking(marker, v, RAISES if v < 3 else GOOD) for v in (1, 2, 3, 4)},
@@ -128,10 +132,8 @@ async def test_only_the_modules_of_the_steps_to_run_are_imported(db: Any, tmp_pa
 @pytest.mark.anyio
 @pytest.mark.parametrize("idempotent", [True, False])
 async def test_a_takeover_reads_idempotent_from_the_dead_holders_module_only(
-    db: Any, tmp_path: Path, idempotent: bool
+    db: Any, tmp_path: Path, marker: Path, idempotent: bool
 ) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
     migrations = write_migrations(
         tmp_path / "migrations",
         {
@@ -151,9 +153,9 @@ async def test_a_takeover_reads_idempotent_from_the_dead_holders_module_only(
 
 
 @pytest.mark.anyio
-async def test_fresh_skip_runs_nothing_so_imports_nothing(db: Any, tmp_path: Path) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
+async def test_fresh_skip_runs_nothing_so_imports_nothing(
+    db: Any, tmp_path: Path, marker: Path
+) -> None:
     migrations = write_migrations(
         tmp_path / "migrations",
         {"0001_raises.py": marking(marker, 1, RAISES), "0002_syntax_error.py": SYNTAX_ERROR},
@@ -169,10 +171,8 @@ async def test_fresh_skip_runs_nothing_so_imports_nothing(db: Any, tmp_path: Pat
 @pytest.mark.anyio
 @pytest.mark.parametrize("form", ["directory", "package"])
 async def test_floor_is_read_without_importing_the_steps(
-    db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+    db: Any, tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch, form: str
 ) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
     package = f"floor_steps_{form}"
     migrations = write_migrations(
         tmp_path / package,
@@ -216,10 +216,8 @@ asyncio.run(main(*sys.argv[1:]))
 
 @pytest.mark.anyio
 async def test_a_fresh_process_boot_on_an_up_to_date_database_imports_no_module(
-    db: Any, driver: str, mongo_uri: str, tmp_path: Path
+    db: Any, driver: str, mongo_uri: str, tmp_path: Path, marker: Path
 ) -> None:
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
     migrations = write_migrations(
         tmp_path / "migrations",
         {f"{v:04d}_step.py": marking(marker, v, GOOD) for v in range(1, 21)},
@@ -239,10 +237,10 @@ async def test_a_fresh_process_boot_on_an_up_to_date_database_imports_no_module(
 
 
 @pytest.mark.anyio
-async def test_a_wait_only_boot_with_work_pending_imports_nothing(db: Any, tmp_path: Path) -> None:
+async def test_a_wait_only_boot_with_work_pending_imports_nothing(
+    db: Any, tmp_path: Path, marker: Path
+) -> None:
     """A wait-only replica never runs a step, so it imports none, even a broken one."""
-    marker = (tmp_path / "marker").resolve()
-    marker.mkdir()
     migrations = write_migrations(
         tmp_path / "migrations",
         {

@@ -108,26 +108,34 @@ def test_starlette_lifespan_alone_with_a_database(
         client.portal.call(close_client, holder["client"])  # type: ignore[union-attr]
 
 
-@pytest.mark.anyio
-async def test_aiohttp_cleanup_ctx_migrates_before_serving(
-    driver: str, mongo_uri: str, db_name: str, sync_db: Any
-) -> None:
+def aiohttp_app(
+    driver: str, uri: str, db_name: str, migrations: Any, **options: Any
+) -> web.Application:
+    """An aiohttp app whose own cleanup_ctx creates the client, then migrates with it."""
     client_key = web.AppKey("client", object)
 
     async def own_client(app: web.Application) -> AsyncIterator[None]:
-        app[client_key] = make_client(driver, mongo_uri)
+        app[client_key] = make_client(driver, uri)
         yield
         await close_client(app[client_key])
-
-    async def report(request: web.Request) -> web.Response:
-        found = request.app[REPORT]
-        return web.json_response({"applied": found.applied, "holder": found.holder})
 
     app = web.Application()
     app.cleanup_ctx.append(own_client)
     app.cleanup_ctx.append(
-        migrate_context(lambda app: app[client_key][db_name], recorders(1, 2, 3))
-    )  # type: ignore[index]
+        migrate_context(lambda app: app[client_key][db_name], migrations, **options)  # type: ignore[index]
+    )
+    return app
+
+
+@pytest.mark.anyio
+async def test_aiohttp_cleanup_ctx_migrates_before_serving(
+    driver: str, mongo_uri: str, db_name: str, sync_db: Any
+) -> None:
+    async def report(request: web.Request) -> web.Response:
+        found = request.app[REPORT]
+        return web.json_response({"applied": found.applied, "holder": found.holder})
+
+    app = aiohttp_app(driver, mongo_uri, db_name, recorders(1, 2, 3))
     app.router.add_get("/report", report)
 
     async with AiohttpClient(TestServer(app)) as client:
@@ -281,21 +289,12 @@ async def test_aiohttp_serves_while_migrating_and_is_ready_once_migrated(
     async def wait_for_test() -> None:
         await migrated.wait()
 
-    client_key = web.AppKey("client", object)
-
-    async def own_client(app: web.Application) -> AsyncIterator[None]:
-        app[client_key] = make_client(driver, mongo_uri)
-        yield
-        await close_client(app[client_key])
-
-    app = web.Application()
-    app.cleanup_ctx.append(own_client)
-    app.cleanup_ctx.append(
-        migrate_context(
-            lambda app: app[client_key][db_name],  # type: ignore[index]
-            [recorder(1), recorder(2, before=wait_for_test)],
-            serve_while_migrating=True,
-        )
+    app = aiohttp_app(
+        driver,
+        mongo_uri,
+        db_name,
+        [recorder(1), recorder(2, before=wait_for_test)],
+        serve_while_migrating=True,
     )
     app.router.add_get("/readyz", aiohttp_readiness)
 
@@ -319,18 +318,7 @@ async def test_aiohttp_serves_while_migrating_and_is_ready_once_migrated(
 async def test_aiohttp_readiness_in_the_blocking_mode(
     driver: str, mongo_uri: str, db_name: str, sync_db: Any
 ) -> None:
-    client_key = web.AppKey("client", object)
-
-    async def own_client(app: web.Application) -> AsyncIterator[None]:
-        app[client_key] = make_client(driver, mongo_uri)
-        yield
-        await close_client(app[client_key])
-
-    app = web.Application()
-    app.cleanup_ctx.append(own_client)
-    app.cleanup_ctx.append(
-        migrate_context(lambda app: app[client_key][db_name], recorders(1))  # type: ignore[index]
-    )
+    app = aiohttp_app(driver, mongo_uri, db_name, recorders(1))
     app.router.add_get("/readyz", aiohttp_readiness)
 
     async with AiohttpClient(TestServer(app)) as client:
@@ -453,18 +441,7 @@ def test_a_migration_error_while_serving_is_logged_without_a_traceback(
 async def test_aiohttp_readiness_answers_on_a_sub_application(
     driver: str, mongo_uri: str, db_name: str, sync_db: Any
 ) -> None:
-    client_key = web.AppKey("client", object)
-
-    async def own_client(app: web.Application) -> AsyncIterator[None]:
-        app[client_key] = make_client(driver, mongo_uri)
-        yield
-        await close_client(app[client_key])
-
-    app = web.Application()
-    app.cleanup_ctx.append(own_client)
-    app.cleanup_ctx.append(
-        migrate_context(lambda app: app[client_key][db_name], recorders(1))  # type: ignore[index]
-    )
+    app = aiohttp_app(driver, mongo_uri, db_name, recorders(1))
     ops = web.Application()
     ops.router.add_get("/readyz", aiohttp_readiness)
     app.add_subapp("/ops", ops)  # the migration on the main app, the probe on the sub-app
