@@ -88,8 +88,10 @@ async def dead_holder_lock(
     silent_for: float = 3600.0,
     lease: float = 1.0,
     token: int = 7,
+    acquisition: str | None = None,
 ) -> None:
-    """Write the control document a holder killed ``silent_for`` seconds ago leaves behind.
+    """Write the control document a holder killed ``silent_for`` seconds ago leaves behind
+    (with an ``acquisition`` id and the step it names as unfinished, if ``acquisition``).
     Its lease is short by default: a waiter (or ``unlock``) must watch the lock that long
     before judging its holder dead."""
     beat = await server_time(db) - timedelta(seconds=silent_for)
@@ -105,4 +107,8 @@ async def dead_holder_lock(
     }
     if running is not None:
         doc["running"] = {"version": running, "name": f"step_{running}", "direction": "up"}
+    if acquisition is not None:  # as this build's holders leave it
+        doc["acquisition"] = acquisition
+        if running is not None:
+            doc["unfinished"] = {**doc["running"], "from_version": version, "to_version": running}
     await db.migrations.replace_one({"_id": "control"}, doc, upsert=True)

@@ -148,6 +148,62 @@ async def test_dead_holder_inside_a_plain_migration_leaves_it_stuck_as_interrupt
     assert [(r["version"], r["outcome"]) for r in await history(db)] == [(2, "interrupted")]
 
 
+def applied_record(version: int, *, token: int, acquisition: str) -> dict[str, Any]:
+    """The history record a holder writes once a step is done, before the step's version."""
+    return {
+        "version": version,
+        "name": f"step_{version}",
+        "direction": "up",
+        "outcome": "applied",
+        "token": token,
+        "acquisition": acquisition,
+    }
+
+
+async def test_dead_holder_that_recorded_its_migration_applied_is_taken_over_past_it(
+    db: Any, bootmigrate_log: Any
+) -> None:
+    """Killed after the history record of migration 2 and before its version write: the
+    record says 2 finished, so the taker records version 2 and goes on with 3, where a lock
+    naming 2 would otherwise be stuck as interrupted (2 is not safe to repeat)."""
+    await dead_holder_lock(db, version=1, running=2, acquisition="a1")
+    await db.migrations_history.insert_one(applied_record(2, token=7, acquisition="a1"))
+
+    report = await migrate(db, recorders(1, 2, 3))
+
+    assert (report.holder, report.applied) == (True, [3])
+    assert await ran(db) == [(3, "up")]
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"], doc["token"]) == (False, 3, 8)
+    assert "unfinished" not in doc and "running" not in doc
+    assert bootmigrate_log.has("migration 2 had finished (its history record says applied)")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        applied_record(2, token=6, acquisition="a1"),  # an earlier acquisition's
+        applied_record(2, token=7, acquisition="a0"),  # a token reused after a failover
+        {**applied_record(2, token=7, acquisition="a1"), "outcome": "failed"},
+        {**applied_record(2, token=7, acquisition="a1"), "direction": "down"},
+    ],
+    ids=["other token", "other acquisition", "not applied", "other direction"],
+)
+async def test_only_the_dead_holders_own_applied_record_counts(
+    db: Any, record: dict[str, Any]
+) -> None:
+    await dead_holder_lock(db, version=1, running=2, acquisition="a1")
+    await db.migrations_history.insert_one(record)
+
+    with pytest.raises(ControlLocked, match="was interrupted"):
+        await migrate(db, recorders(1, 2, 3))
+
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"]) == (True, 1)
+    assert (doc["failure"]["kind"], doc["failure"]["version"]) == ("interrupted", 2)
+    assert await ran(db) == []
+
+
 async def test_a_holder_within_its_lease_is_waited_for_not_taken_over(db: Any) -> None:
     await dead_holder_lock(db, version=1, running=2, silent_for=5, lease=3600)
 
@@ -174,8 +230,11 @@ async def test_a_lock_without_a_lease_is_never_taken_over(db: Any) -> None:
     assert await control(db) == {"_id": "control", "locked": True, "version": 1}
 
 
-async def test_fenced_holder_writes_nothing_after_its_lock_is_taken(db: Any) -> None:
-    """A hook inside migration 2 plays the process that took the lock over meanwhile."""
+async def test_fenced_holder_writes_nothing_once_it_finds_its_lock_taken(db: Any) -> None:
+    """A hook inside migration 2 plays an operator's forced takeover meanwhile (a takeover
+    within the holder's lease). Migration 2 did finish, and its history record, written
+    before its version, says so; the version write that follows finds the lock gone, and
+    nothing more is written: not the version, not migration 3."""
 
     async def taken_over_meanwhile(db: Any) -> None:
         await db.migrations.update_one(
@@ -195,7 +254,8 @@ async def test_fenced_holder_writes_nothing_after_its_lock_is_taken(db: Any) -> 
     assert doc is not None
     assert (doc["version"], doc["token"], doc["owner"]["host"]) == (1, 2, "newholder")
     assert await ran(db) == [(1, "up")]
-    assert [r["version"] for r in await history(db)] == [1]
+    records = [(r["version"], r["outcome"], r["token"]) for r in await history(db)]
+    assert records == [(1, "applied", 1), (2, "applied", 1)]
 
 
 async def test_holder_that_cannot_heartbeat_stops_itself(db: Any) -> None:

@@ -56,11 +56,12 @@ class StepRun:
     step: Step
     started_at: datetime
     started: float
+    following: Step | None = None
 
     @classmethod
-    def begin(cls, step: Step) -> StepRun:
-        """A run of ``step`` starting now."""
-        return cls(step, utc_now(), time.monotonic())
+    def begin(cls, step: Step, following: Step | None = None) -> StepRun:
+        """A run of ``step`` starting now, ``following`` to run after it (if any)."""
+        return cls(step, utc_now(), time.monotonic(), following)
 
     def duration(self) -> float:
         """Seconds since the run started."""
@@ -194,15 +195,18 @@ class Applier:
         )
 
     async def _run_steps(self, plan: Plan, state: _Progress, stop: anyio.Event) -> None:
+        steps = plan.steps
         try:
-            for step in plan.steps:
-                if stop.is_set():
-                    raise _Stopped
-                await self.held.start(step.running(), step.unfinished())
-                if stop.is_set():  # asked while naming it: it never ran
+            for index, step in enumerate(steps):
+                if index == 0:  # each later step is named by the version write before it
+                    if stop.is_set():
+                        raise _Stopped
+                    await self.held.start(step.running(), step.unfinished())
+                if stop.is_set():  # asked while it was being named: it never ran
                     await self.held.release("cancelled", unname=not self._resumes(step))
                     raise _Stopped
-                await self._run_step(step, state)
+                following = steps[index + 1] if index + 1 < len(steps) else None
+                await self._run_step(step, state, following)
             await self.held.release()
         except _Stopped:
             if not state.inside and not self.held.released:
@@ -232,9 +236,11 @@ class Applier:
                 shutdown_grace_s=self.shutdown_grace,
             )
 
-    async def _run_step(self, step: Step, state: _Progress) -> None:
+    async def _run_step(self, step: Step, state: _Progress, following: Step | None) -> None:
+        """Run ``step``, named on the control document already; the write that records it
+        names ``following``, the step to run next (if any)."""
         migration = step.migration
-        run = StepRun.begin(step)
+        run = StepRun.begin(step, following)
         self.events.emit(
             "migration_started",
             "running migration %s (%s)",
@@ -244,6 +250,9 @@ class Applier:
             **_identity(step),
             db_version=step.version_before,
         )
+        # The server fences every control write, but not what the migration itself writes:
+        # a holder paused past its lease since its last write must not start one.
+        self.held.check_in_touch("before running a migration")
         state.inside = True  # stays set if the step is stopped: it is then handled here
         try:
             if migration.transactional:
@@ -274,9 +283,29 @@ class Applier:
         state.inside = False
         duration = run.duration()
         if not migration.transactional:  # a transaction committed these with the migration
-            await self.held.advance(step.version_after)
-            await self.held.record(run.entry("applied", self.held.token, checksum=step.checksum))
+            # The history record goes first: a holder that dies between it and the version
+            # write leaves a step a taker can tell finished (see ControlLock.take_over).
+            self.held.check_in_touch("before recording a migration applied")
+            await self.held.record(self._applied_entry(run))
+        self._applied(step, duration)
+        if not migration.transactional:
+            await self.held.advance(step.version_after, then=following)
         state.done(step)
+
+    def _applied_entry(self, run: StepRun) -> Entry:
+        """The history record of ``run`` applied, naming this acquisition: what a taker looks
+        for to tell that the step finished."""
+        return run.entry(
+            "applied",
+            self.held.token,
+            acquisition=self.held.acquisition,
+            checksum=run.step.checksum,
+        )
+
+    def _applied(self, step: Step, duration: float) -> None:
+        """Say the step is applied: its history record (and in a transaction, its version)
+        is written."""
+        migration = step.migration
         self.events.emit(
             "migration_applied",
             "applied migration %s (%s) in %.3f s",
@@ -312,7 +341,7 @@ class Applier:
                 except CommitOutcomeUnknown:
                     # Its fenced version write tells: applied with the commit, or not at all
                     # (then the transaction is run again, as after a transient error).
-                    if not await self.held.reached(step.version_after):
+                    if not await self.held.reached(step.version_after, run.following):
                         raise
                     self.events.emit(
                         "commit_confirmed",
@@ -348,10 +377,8 @@ class Applier:
             transaction(self.db, commit_within) as session,
         ):
             await self._call(step, session, limit=self.owner.lease / 2)
-            await self.held.advance(step.version_after, session)
-            await self.held.record(
-                run.entry("applied", self.held.token, checksum=step.checksum), session
-            )
+            await self.held.record(self._applied_entry(run), session)
+            await self.held.advance(step.version_after, session, then=run.following)
 
     async def _call(self, step: Step, session: Any = None, limit: float | None = None) -> None:
         timeout = step.migration.timeout or self.migration_timeout

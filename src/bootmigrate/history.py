@@ -53,6 +53,7 @@ class Entry:
     started_at: datetime | None = None
     duration: float | None = None
     token: int | None = None
+    acquisition: str | None = None
     error: BaseException | None = None
     note: str | None = None
     checksum: str | None = None
@@ -109,6 +110,8 @@ class History:
         }
         if entry.error is not None:
             doc.update(error_fields(entry.error))
+        if entry.acquisition:
+            doc["acquisition"] = entry.acquisition
         if entry.checksum:
             doc["checksum"] = entry.checksum
         if entry.action:
@@ -116,6 +119,22 @@ class History:
         if entry.note:
             doc["note"] = entry.note
         return doc
+
+    async def applied_by(self, running: dict[str, Any], token: int, acquisition: str) -> bool:
+        """Whether the acquisition ``token``/``acquisition`` recorded the step ``running`` (as
+        the control document names it) as applied: a holder records a step's history before
+        its version, so a holder that died between the two leaves this record behind."""
+        found = await self._coll.find_one(
+            {
+                "version": running.get("version"),
+                "direction": running.get("direction") or "up",
+                "outcome": "applied",
+                "token": token,
+                "acquisition": acquisition,
+            },
+            {"_id": 1},
+        )
+        return found is not None
 
     async def insert(self, doc: dict[str, Any], session: Any = None) -> None:
         """Insert a record made by :meth:`document`; one already there (an earlier try whose

@@ -49,7 +49,7 @@ from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .events import Emitter
 from .history import Entry, History
 from .migrations import Migration
-from .plan import Plan
+from .plan import Plan, Step
 from .waiting import Deadline, WaitPolicy
 
 log = logging.getLogger("bootmigrate")
@@ -89,6 +89,8 @@ class OperatorChange:
     changed: bool
     before: Control
     lease: Lease
+    # The version recorded with the unlock: the step its holder died in had finished.
+    recorded: int | None = None
 
 
 class ControlLock:
@@ -205,6 +207,11 @@ class ControlLock:
             raise LockBusy(seen)
         running = seen.running
         unfinished = seen.unfinished_step  # None once an operator recorded the version
+        if running and unfinished:
+            with anyio.CancelScope(shield=True), deadline.bound():
+                finished = await self.finished_before_dying(seen)
+            if finished:
+                return await self._take_finished(seen, lease, unfinished, deadline)
         interrupted = known.get(running["version"]) if running else None
         repeatable = interrupted is not None and interrupted.safe_to_repeat(
             (running or {}).get("direction")
@@ -232,6 +239,53 @@ class ControlLock:
             f"; re-running migration {running['version']}, which is safe to repeat"
             if running
             else "",
+            level=logging.WARNING,
+            holder=seen.owner,
+            running=running,
+            silent_s=lease.silent_for,
+            lease_s=lease.lease,
+            token=held.token,
+            db_version=held.version,
+        )
+        return HeldLock(self, held)
+
+    async def finished_before_dying(self, seen: Control) -> bool:
+        """Whether the dead holder's history shows the step it names finished: it died after
+        recording the step applied and before recording its version. Asked only of a lock
+        whose holder died inside a step (and by ``status``), so it costs no other boot a
+        read."""
+        if seen.acquisition is None or seen.running is None:
+            return False  # a lock from before acquisition ids: its records cannot be told apart
+        return await self.history.applied_by(seen.running, seen.token, seen.acquisition)
+
+    async def _take_finished(
+        self, seen: Control, lease: Lease, unfinished: dict[str, Any], deadline: Deadline
+    ) -> HeldLock | None:
+        """Take over a dead holder's lock whose step had finished, recording the version it
+        reached in the same write: the taker goes on from there as after a holder that died
+        between two steps."""
+        reached = int(unfinished["to_version"])
+        taken = _taken_by(self.owner)
+        update = {
+            **taken,
+            "$set": {**taken["$set"], "version": reached},
+            "$unset": {"running": "", "unfinished": ""},
+        }
+        with anyio.CancelScope(shield=True), deadline.bound():
+            held = await self._modify(_unbeaten(seen), update)
+        if held is None:
+            return None
+        running = seen.running or {}
+        self.events.emit(
+            "took_over",
+            "took over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s); "
+            "migration %s had finished (its history record says applied), so the lock was "
+            "taken at version %d",
+            seen.describe_owner(),
+            lease.silent_for,
+            lease.lease,
+            running.get("version"),
+            reached,
             level=logging.WARNING,
             holder=seen.owner,
             running=running,
@@ -297,8 +351,12 @@ class ControlLock:
         await self._refuse_live(seen, lease, "unlock", force)
         unfinished = seen.unfinished_step  # None once an operator recorded the version
         stopped_inside = seen.running is not None and seen.failure is None
+        # Died after recording its step applied, before its version: nothing is half done.
+        finished = (
+            stopped_inside and unfinished is not None and await self.finished_before_dying(seen)
+        )
         interrupted = (seen.failure or {}).get("kind") == "interrupted" or stopped_inside
-        if interrupted and unfinished is not None and not force:
+        if interrupted and unfinished is not None and not force and not finished:
             migration = (known or {}).get(unfinished.get("version") or 0)
             repeatable = migration is not None and migration.safe_to_repeat(
                 unfinished.get("direction")
@@ -306,19 +364,28 @@ class ControlLock:
             if not (stopped_inside and repeatable):
                 raise ControlLocked("interrupted", seen, collection=self.collection_name)
         update: dict[str, Any] = {**_RELEASED, "$set": {"locked": False}}
-        if unfinished is not None and "unfinished" not in seen.raw:
+        note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
+        reached: int | None = None
+        if finished and unfinished is not None:
+            reached = int(unfinished["to_version"])
+            update["$set"]["version"] = reached
+            update["$unset"] = {**{name: "" for name in HELD_FIELDS}, "unfinished": ""}
+            note += (
+                f"; migration {unfinished.get('version')} had finished (its history record "
+                f"says applied), so version {reached} was recorded"
+            )
+        elif unfinished is not None and "unfinished" not in seen.raw:
             # Read from `running` or `failure`, which the release removes: keep it.
             update["$set"]["unfinished"] = {"from_version": seen.version, **unfinished}
         if not (await self.collection.update_one(_unchanged(seen), update)).modified_count:
             raise ControlLocked("changed", seen, collection=self.collection_name, action="unlock")
-        if stopped_inside and seen.running is not None:
+        if stopped_inside and seen.running is not None and not finished:
             await self.history.record(_interruption(seen.running, seen, "unlocked by an operator"))
-        note = f"unlocked by an operator; was {describe_lock(seen, lease)}"
         step = seen.failure or seen.running or {}
         await self.history.record(
             Entry.manual("unlock", seen.version, note, name=str(step.get("name") or ""))
         )
-        return OperatorChange(True, seen, lease)
+        return OperatorChange(True, seen, lease, reached if finished else None)
 
     async def set_version(self, version: int, *, force: bool) -> OperatorChange:
         """Record the database as being at ``version`` (a skip) without touching the lock,
@@ -507,7 +574,7 @@ class HeldLock:
             "$set": {"running": running, "unfinished": unfinished or running},
             **_BEAT,
         }
-        await self.write(lambda: self._fenced(update))
+        await self.write(lambda: self._fenced(update, returning=False))
 
     async def progress(self, done: int, total: int) -> None:
         """Record how far the running migration has got (shown by ``status``)."""
@@ -520,24 +587,31 @@ class HeldLock:
         with anyio.fail_after(self._lock.owner.lease):
             await self._fenced(update)
 
-    async def advance(self, version: int, session: Any = None) -> None:
-        """Record a finished migration: the version reached, and no migration running. Given
-        a session, the write joins its transaction (and fences it: a stale holder's
-        transaction matches nothing, and aborts)."""
-        update = {
-            "$set": {"version": version},
-            "$unset": {"running": "", "unfinished": ""},
-            **_BEAT,
-        }
-        await self._bookkeeping(lambda: self._fenced(update, session), session)
+    async def advance(self, version: int, session: Any = None, *, then: Step | None = None) -> None:
+        """Record a finished migration: the version reached and, in the same write, the step
+        that runs next (``then``, named as :meth:`start` names it) or none. Naming the next
+        step here is what keeps a migration at two commands (its history record and this
+        write): from the moment a step's version is recorded, the document names either the
+        step about to run or no step at all. Given a session, the write joins its transaction
+        (and fences it: a stale holder's transaction matches nothing, and aborts)."""
+        update: dict[str, Any]
+        if then is None:
+            update = {"$set": {"version": version}, "$unset": {"running": "", "unfinished": ""}}
+        else:
+            named = {"running": then.running(), "unfinished": then.unfinished()}
+            update = {"$set": {"version": version, **named}}
+        update.update(_BEAT)
+        await self._bookkeeping(lambda: self._fenced(update, session, returning=False), session)
 
-    async def reached(self, version: int) -> bool:
-        """Whether this acquisition's lock shows ``version`` reached with nothing running:
-        how a transaction whose commit went unanswered is found to have been applied. Asked
-        with a fenced beat, not a read: a write sees the primary's latest state (it waits
-        behind a commit still in flight), where a majority read might not yet."""
+    async def reached(self, version: int, then: Step | None = None) -> bool:
+        """Whether this acquisition's lock shows ``version`` reached and the step ``then``
+        named as running (``None``: nothing running), as the :meth:`advance` recording it
+        writes: how a transaction whose commit went unanswered is found to have been applied.
+        Asked with a fenced beat, not a read: a write sees the primary's latest state (it
+        waits behind a commit still in flight), where a majority read might not yet."""
         doc = await self.write(lambda: self._fenced(_BEAT))
-        return doc is not None and doc.get("version") == version and doc.get("running") is None
+        running = None if then is None else then.running()
+        return doc is not None and doc.get("version") == version and doc.get("running") == running
 
     async def release(self, reason: ReleaseReason = "done", *, unname: bool = False) -> None:
         """Unlock at the version reached; ``token`` stays, so that it keeps increasing. A
@@ -657,6 +731,17 @@ class HeldLock:
             yield
         self._last_contact = time.monotonic()  # committed: its fenced write beat for us
 
+    def check_in_touch(self, before: str) -> None:
+        """Refuse to go on (:class:`LockLost`) once nothing has confirmed the lock ours for a
+        whole lease: a waiter may have taken it over meanwhile, this process having been
+        paused, say. Asked ``before`` what the server cannot fence, a migration's own writes
+        and its history record; the writes to the control document are fenced anyway."""
+        self._refuse_if_lost()
+        lease = self._lock.owner.lease
+        if time.monotonic() - self._last_contact >= lease:
+            self._lose(f"nothing confirmed it for a whole lease ({lease:g} s) {before}")
+            raise self.lost_error(before)
+
     def lost_error(self, during: str) -> LockLost:
         """The error that says this lock was lost ``during`` something."""
         lock = self._lock
@@ -747,15 +832,27 @@ class HeldLock:
         }
 
     async def _fenced(
-        self, update: dict[str, Any], session: Any = None, *, done_if: dict[str, Any] | None = None
+        self,
+        update: dict[str, Any],
+        session: Any = None,
+        *,
+        done_if: dict[str, Any] | None = None,
+        returning: bool = True,
     ) -> dict[str, Any] | None:
         """The control document after ``update``, applied only while the lock is this
-        acquisition's; ``None`` when ``done_if`` shows an earlier try already did it."""
+        acquisition's (an empty one unless ``returning``: the writes on the way through the
+        migrations need no reply but the match, and a plain update costs the server less);
+        ``None`` when ``done_if`` shows an earlier try already did it."""
         collection = self._lock.collection
         sent = time.monotonic()
-        doc = await collection.find_one_and_update(
-            self._fence(), update, return_document=ReturnDocument.AFTER, session=session
-        )
+        doc: Any
+        if returning:
+            doc = await collection.find_one_and_update(
+                self._fence(), update, return_document=ReturnDocument.AFTER, session=session
+            )
+        else:
+            result = await collection.update_one(self._fence(), update, session=session)
+            doc = {} if result.matched_count else None
         if doc is not None:
             if session is None and "beats" in update.get("$inc", {}):
                 self._beaten(sent)

@@ -49,11 +49,11 @@ async def stopped_while_blocked(call: Any, point: fail_point, how: str) -> None:
             await task
 
 
-def held_at_the_wire(holder_db: Any, command: str, ms: int, skip: int = 0) -> fail_point:
-    """The holder's next ``command`` (after ``skip`` of them) held ``ms`` at the wire."""
+def held_at_the_wire(holder_db: Any, command: str, ms: int) -> fail_point:
+    """The holder's next ``command`` held ``ms`` at the wire."""
     return fail_point(
         holder_db,
-        {"skip": skip} if skip else {"times": 1},
+        {"times": 1},
         failCommands=[command],
         blockConnection=True,
         blockTimeMS=ms,
@@ -100,16 +100,17 @@ async def test_a_stop_while_the_lock_is_taken_after_waiting_leaves_it_free(
 
 
 @pytest.mark.parametrize(
-    "skip, how",
-    [(0, "scope"), (0, "task"), (1, "scope")],
+    "command, how",
+    [("findAndModify", "scope"), ("findAndModify", "task"), ("update", "scope")],
     ids=["acquiring-scope", "acquiring-task", "naming_the_step-scope"],
 )
 async def test_a_stop_before_a_down_ran_leaves_no_step_named(
-    holder_db: Any, db: Any, skip: int, how: str
+    holder_db: Any, db: Any, command: str, how: str
 ) -> None:
-    """Held: the acquire (skip 0), or the write naming the down step (skip 1)."""
+    """Held: the acquire (a findAndModify), or the write naming the down step (the holder's
+    first update)."""
     await migrate(db, recorders(1, 2))
-    async with held_at_the_wire(holder_db, "findAndModify", 500, skip=skip) as point:
+    async with held_at_the_wire(holder_db, command, 500) as point:
         await stopped_while_blocked(
             lambda: migrate(holder_db, recorders(1, 2), target=1), point, how
         )

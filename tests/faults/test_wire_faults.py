@@ -152,7 +152,11 @@ async def test_a_holder_whose_writes_stop_returning_stops_within_a_lease(
     record("9 writes never return (holder)", runs=1, faults=1, gave_up_ms_max=int(after * 1000))
     assert after < 2 * lease + 1.0, f"gave up {after:.1f} s after the writes stopped returning"
     assert await ran(db) == [(1, "up")]
-    assert await history(db) == []  # the record never got through, and nothing came after
+    # Its history record (an insert) went first and got through; the version write that
+    # follows never did, and nothing came after it.
+    assert [(r["version"], r["outcome"]) for r in await history(db)] == [(1, "applied")]
+    doc = await control(db)
+    assert doc is not None and (doc["version"], doc["running"]["version"]) == (0, 1)
 
 
 async def test_a_holder_whose_heartbeat_cannot_get_through_writes_nothing_more(
