@@ -61,6 +61,7 @@ def test_status_json_schema(cli: Cli) -> None:
         "lease_expired",
         "running",
         "failure",
+        "on_expiry",
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,62 @@ async def test_a_holder_killed_inside_an_idempotent_migration_unlocks_without_fo
     outcomes = [(r["version"], r["outcome"], r.get("action")) for r in await history(db)]
     assert outcomes == [(2, "interrupted", None), (1, "manual", "unlock")]
     assert (await migrate(db, migrations)).applied == [2, 3]
+
+
+@pytest.mark.anyio
+async def test_a_holder_killed_after_recording_its_migration_applied_unlocks_without_force(
+    db: Any,
+) -> None:
+    """It died between the history record of migration 2 and its version write: 2 is not
+    half applied but finished, so the unlock records version 2 and needs no --force."""
+    await dead_holder_lock(db, version=1, running=2, acquisition="a1")
+    record = {"version": 2, "direction": "up", "outcome": "applied", "token": 7}
+    await db.migrations_history.insert_one({**record, "acquisition": "a1"})
+
+    done = await unlock(db, migrations=recorders(1, 2, 3))
+
+    assert done.changed
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"]) == (False, 2)
+    assert "unfinished" not in doc and "running" not in doc
+    unlocked = (await history(db))[-1]
+    assert (unlocked["action"], unlocked["version"]) == ("unlock", 1)
+    assert "migration 2 had finished" in unlocked["note"]
+    assert [r["outcome"] for r in await history(db)] == ["applied", "manual"]  # no interruption
+    assert (done.recorded, done.version, done.unfinished) == (2, 2, None)
+    assert (await migrate(db, recorders(1, 2, 3))).applied == [3]
+
+
+def test_status_and_unlock_say_a_finished_migrations_version_is_recorded(cli: Cli) -> None:
+    beat = datetime.now(timezone.utc) - timedelta(hours=1)
+    running = {"version": 2, "name": "step_2", "direction": "up"}
+    cli.db.migrations.insert_one(
+        {
+            "_id": "control",
+            "locked": True,
+            "version": 1,
+            "token": 7,
+            "acquisition": "a1",
+            "beats": 3,
+            "heartbeat": beat,
+            "owner": {"host": "deadhost", "pid": 4242, "lease": 1.0, "id": "x"},
+            "running": running,
+            "unfinished": {**running, "from_version": 1, "to_version": 2},
+        }
+    )
+    cli.db.migrations_history.insert_one(
+        {"version": 2, "direction": "up", "outcome": "applied", "token": 7, "acquisition": "a1"}
+    )
+
+    said = cli.json("status")["lock"]["on_expiry"]
+    assert "died after migration 2 step_2 (up) finished (history records it applied)" in said
+    assert "takes it over at version 2" in said
+
+    done = cli("unlock")
+
+    assert done.returncode == 0, done.stderr
+    assert "version 2 was recorded; the next boot resumes from there" in done.stdout
+    assert (cli.json("status")["version"], cli.control()["locked"]) == (2, False)
 
 
 @pytest.mark.anyio

@@ -489,14 +489,19 @@ def unlock(session: Session, force: bool) -> None:
     done = session.run(
         lambda db: commands.unlock(db, session.settings, force=force, migrations=session.migrations)
     )
-    data = {"changed": done.changed, "version": done.before.version, "before": done.before.raw}
+    data = {"changed": done.changed, "version": done.version, "before": done.before.raw}
 
     def human() -> None:
         if not done.changed:
             session.console.print(f"not locked: nothing to do (version {done.before.version})")
             return
         step = done.unfinished
-        if step is None or (step.get("direction") or "up") == "up":
+        if done.recorded is not None:
+            after = (
+                f"its migration had finished (history records it applied), so version "
+                f"{done.recorded} was recorded; the next boot resumes from there"
+            )
+        elif step is None or (step.get("direction") or "up") == "up":
             after = f"the next boot resumes from version {done.before.version}"
         else:
             after = (

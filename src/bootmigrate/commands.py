@@ -41,10 +41,16 @@ class Lock:
 
     @classmethod
     def seen(
-        cls, control: Control, lease: Lease, known: Mapping[int, Migration] | None = None
+        cls,
+        control: Control,
+        lease: Lease,
+        known: Mapping[int, Migration] | None = None,
+        *,
+        finished: bool = False,
     ) -> Lock:
         """The operator's view of ``control`` with its ``lease`` as judged now; ``known``
-        (the migrations) tells whether a dead holder's migration may be re-run."""
+        (the migrations) tells whether a dead holder's migration may be re-run, ``finished``
+        whether its history shows the step it names applied."""
         if not control.locked:
             return cls(locked=False, unfinished=control.unfinished_step)
         return cls(
@@ -56,7 +62,7 @@ class Lock:
             running=control.running,
             failure=control.failure,
             unfinished=control.unfinished_step,
-            on_expiry=_on_expiry(control, lease, known),
+            on_expiry=_on_expiry(control, lease, known, finished),
         )
 
     @property
@@ -98,6 +104,7 @@ class Status:
                 "lease_expired": lock.lease_expired,
                 "running": lock.running,
                 "failure": _jsonable(lock.failure),
+                "on_expiry": lock.on_expiry,
             },
         }
 
@@ -110,12 +117,20 @@ class Unlocked:
     before: Control
     lock: Lock
     was: str
+    # Set when the holder had died after its step's history record and before its version:
+    # the step finished, and the unlock recorded the version it reached.
+    recorded: int | None = None
+
+    @property
+    def version(self) -> int:
+        """The database's version once unlocked."""
+        return self.before.version if self.recorded is None else self.recorded
 
     @property
     def unfinished(self) -> dict[str, Any] | None:
         """The step left unfinished: the next boot resumes it (an ``up``), or refuses to step
         over it until it is run again in its direction (a ``down`` or ``rerun``)."""
-        return self.lock.unfinished if self.changed else None
+        return self.lock.unfinished if self.changed and self.recorded is None else None
 
 
 async def status(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Status:
@@ -130,7 +145,14 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
     settings = settings or Settings()
     known, lock = _prepare(db, migrations, settings)
     control = await lock.read()
-    view = Lock.seen(control, await lock.lease_of(control), {m.version: m for m in known})
+    lease = await lock.lease_of(control)
+    finished = (
+        control.running is not None
+        and not control.stuck
+        and bool(lease.expired)
+        and await lock.finished_before_dying(control)
+    )
+    view = Lock.seen(control, lease, {m.version: m for m in known}, finished=finished)
     latest = latest_version(known)
     pending: tuple[Step, ...] = ()
     problem = None
@@ -211,6 +233,7 @@ async def unlock(
         done.before,
         Lock.seen(done.before, done.lease, known),
         describe_lock(done.before, done.lease),
+        done.recorded,
     )
 
 
@@ -304,11 +327,20 @@ def _known_if_loadable(migrations: MigrationSource | None) -> dict[int, Migratio
         return None
 
 
-def _on_expiry(control: Control, lease: Lease, known: Mapping[int, Migration] | None) -> str | None:
+def _on_expiry(
+    control: Control, lease: Lease, known: Mapping[int, Migration] | None, finished: bool
+) -> str | None:
     """What the next boot does with a held lock whose lease has expired."""
     if control.stuck or not lease.expired:
         return None
     unfinished = control.unfinished_step
+    if finished and unfinished is not None:
+        return (
+            f"its holder died after {step_label(unfinished)} finished (history records it "
+            "applied) and before recording its version: the next boot with migrations to run "
+            f"takes it over at version {unfinished.get('to_version')}; `bootmigrate unlock` "
+            "records that version and frees it now"
+        )
     if unfinished is None:
         return (
             "the next boot with migrations to run takes it over once it has watched it silent "
