@@ -129,7 +129,7 @@ async def test_a_holder_killed_after_recording_its_migration_applied_unlocks_wit
     assert doc is not None and (doc["locked"], doc["version"]) == (False, 2)
     assert "unfinished" not in doc and "running" not in doc
     unlocked = (await history(db))[-1]
-    assert (unlocked["action"], unlocked["version"]) == ("unlock", 1)
+    assert (unlocked["action"], unlocked["version"]) == ("unlock", 2)  # the version it recorded
     assert "migration 2 had finished" in unlocked["note"]
     assert [r["outcome"] for r in await history(db)] == ["applied", "manual"]  # no interruption
     assert (done.recorded, done.version, done.unfinished) == (2, 2, None)

@@ -153,15 +153,17 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
         and await lock.finished_before_dying(control)
     )
     view = Lock.seen(control, lease, {m.version: m for m in known}, finished=finished)
+    # Where the next boot will plan from: past a step its dead holder finished.
+    planned = control.with_step_finished() if finished else control
     latest = latest_version(known)
     pending: tuple[Step, ...] = ()
     problem = None
     blocked = False  # by a step that did not finish, which a boot to latest would step over
     try:
         floor, release = floor_in_force(migrations, settings.floor, settings.floor_release)
-        to_latest = plan_for(control, known, floor=floor, floor_release=release)
+        to_latest = plan_for(planned, known, floor=floor, floor_release=release)
         pending = to_latest.steps
-        unfinished = control.unfinished_step
+        unfinished = planned.unfinished_step
         blocked = bool(
             pending
             and unfinished is not None
@@ -172,7 +174,7 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
             problem = str(
                 ControlLocked(
                     "unfinished",
-                    control,
+                    planned,
                     collection=lock.collection_name,
                     action=to_latest.describe(),
                 )
@@ -186,14 +188,14 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
         state = "locked"
     elif problem is not None:
         state = "unsupported"
-    elif control.version > latest:
+    elif planned.version > latest:
         state = "ahead"
     elif pending:
         state = "pending"
     else:
         state = "up-to-date"
     return Status(
-        lock.collection_name, control.exists, control.version, latest, pending, state, view, problem
+        lock.collection_name, control.exists, planned.version, latest, pending, state, view, problem
     )
 
 

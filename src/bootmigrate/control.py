@@ -27,7 +27,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -108,6 +108,16 @@ class Control:
         if not marker or not _still_from(marker, self.version):
             return None
         return marker
+
+    def with_step_finished(self) -> Control:
+        """This reading as it stands once its unfinished step is known to have finished (its
+        history records it applied): at the step's ``to_version``, with no step named."""
+        step = self.unfinished_step
+        if step is None:
+            return self
+        version = int(step["to_version"])
+        raw = {k: v for k, v in self.raw.items() if k not in ("running", "unfinished")}
+        return replace(self, version=version, running=None, unfinished=None, raw=raw)
 
     @property
     def recorded_lease(self) -> float | None:

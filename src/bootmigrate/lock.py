@@ -271,8 +271,12 @@ class ControlLock:
             "$set": {**taken["$set"], "version": reached},
             "$unset": {"running": "", "unfinished": ""},
         }
+        # Also as seen in version and step: an operator's set-version meanwhile (which moves
+        # neither the token nor the beats) must not be overwritten by the version read here.
+        unchanged = {**_unbeaten(seen), "version": seen.version, "running": seen.raw.get("running")}
+        unchanged["unfinished"] = seen.raw.get("unfinished")
         with anyio.CancelScope(shield=True), deadline.bound():
-            held = await self._modify(_unbeaten(seen), update)
+            held = await self._modify(unchanged, update)
         if held is None:
             return None
         running = seen.running or {}
@@ -383,7 +387,12 @@ class ControlLock:
             await self.history.record(_interruption(seen.running, seen, "unlocked by an operator"))
         step = seen.failure or seen.running or {}
         await self.history.record(
-            Entry.manual("unlock", seen.version, note, name=str(step.get("name") or ""))
+            Entry.manual(
+                "unlock",
+                seen.version if reached is None else reached,
+                note,
+                name=str(step.get("name") or ""),
+            )
         )
         return OperatorChange(True, seen, lease, reached if finished else None)
 
@@ -735,7 +744,8 @@ class HeldLock:
         """Refuse to go on (:class:`LockLost`) once nothing has confirmed the lock ours for a
         whole lease: a waiter may have taken it over meanwhile, this process having been
         paused, say. Asked ``before`` what the server cannot fence, a migration's own writes
-        and its history record; the writes to the control document are fenced anyway."""
+        and its history record; the writes to the control document are fenced anyway. (The
+        heartbeat gives up at the same point: a lease without a confirmed beat.)"""
         self._refuse_if_lost()
         lease = self._lock.owner.lease
         if time.monotonic() - self._last_contact >= lease:

@@ -467,6 +467,12 @@ class Runner:
             # A lock abandoned after its last migration is left alone here: telling a dead
             # holder from a live one takes watching it for a lease, which an up-to-date boot
             # must not pay. The next boot with work to do takes it over.
+            adopted = self.lock.adopt(control)
+            if adopted is not None:
+                # Except one of our own: a takeover whose reply was lost, which went through
+                # and recorded the version of a step its dead holder had finished, leaving
+                # nothing to do. Held by nobody alive: free it.
+                await adopted.release("done")
             return self._nothing_to_do(control, route)
         if not self.settings.apply:
             self._wait_only(control, route)
@@ -493,9 +499,14 @@ class Runner:
             with sorted_errors("take the migration lock"):
                 held = await self._take(control, plan, deadline)
             if held is not None:
-                self._acquired(held, plan)
-                # Again under the lock: another replica may have run it since the look above.
                 try:
+                    if held.control.version != control.version:
+                        # A takeover that recorded the version of a step its dead holder had
+                        # finished: what is left to run is planned from there.
+                        plan = self._plan(held.control)
+                        await self._check_server(plan, deadline)
+                    self._acquired(held, plan)
+                    # Again under the lock: another replica may have run it since the look.
                     with sorted_errors("read the history for the requested rerun"):
                         done = await self._rerun_done(deadline) if self.rerun_once else None
                 except BaseException:

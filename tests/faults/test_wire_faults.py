@@ -27,7 +27,7 @@ from bootmigrate.waiting import Deadline, WaitPolicy
 from tests.clients import open_client
 from tests.fail_points import fail_point, with_app_name
 from tests.faults.conftest import record
-from tests.in_process import control, history, ran, recorder, recorders
+from tests.in_process import control, dead_holder_lock, history, ran, recorder, recorders
 
 pytestmark = pytest.mark.anyio
 
@@ -88,6 +88,28 @@ async def test_a_history_record_whose_reply_was_lost_is_written_once(
         await held.record(Entry(version=1, name="one", outcome="applied", direction="up"))
 
     assert [(r["version"], r["outcome"]) for r in await history(db)] == [(1, "applied")]
+
+
+async def test_a_takeover_past_a_finished_step_whose_reply_was_lost_leaves_the_lock_free(
+    holder_db: Any, db: Any
+) -> None:
+    """The dead holder had recorded migration 2 applied, its last; the takeover that records
+    version 2 lands, its reply is lost. On the next look nothing is left to do, and the lock
+    is this process's own: it is released, not left held by nobody for a lease."""
+    await dead_holder_lock(db, version=1, running=2, acquisition="a1")
+    await db.migrations_history.insert_one(
+        {"version": 2, "direction": "up", "outcome": "applied", "token": 7, "acquisition": "a1"}
+    )
+
+    async with fail_point(
+        holder_db, {"times": 1}, failCommands=["findAndModify"], dropReply=True, appName="holder"
+    ):
+        report = await migrate(holder_db, recorders(1, 2), wait_timeout=30)
+
+    assert report.applied == []
+    doc = await control(db)
+    assert doc is not None and (doc["locked"], doc["version"], doc["token"]) == (False, 2, 8)
+    assert await ran(db) == []
 
 
 async def test_a_boot_whose_lock_writes_never_return_gives_up_within_its_deadline(
