@@ -13,7 +13,7 @@ test: lint types pytest
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e . --group dev
 	touch $(STAMP)
 
 demo: $(STAMP)

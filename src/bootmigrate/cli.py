@@ -107,8 +107,14 @@ class Session:
             "connectTimeoutMS": int(self.timeout * 1000),
         }
         if self.driver == "motor":
-            from motor.motor_asyncio import AsyncIOMotorClient
-
+            try:
+                from motor.motor_asyncio import AsyncIOMotorClient
+            except ImportError:
+                raise Failure(
+                    "--driver motor: motor is not installed. Install it with "
+                    "`pip install 'bootmigrate[motor]'`, or leave out --driver (and "
+                    "BOOTMIGRATE_DRIVER) to use PyMongo's async API, the default."
+                ) from None
             return AsyncIOMotorClient(self.uri, **options)
         from pymongo import AsyncMongoClient
 
