@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,6 +171,38 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
 
     (cli.migrations / "0002_step_2.py").write_text(STEP.format(v=2))
     assert cli.json("up")["applied"] == [2, 3]
+
+
+def failed_json(cli: Cli, *args: str, **env: str) -> dict[str, Any]:
+    """A command's ``--json`` error: one object on stdout, nothing on stderr; the exit code
+    is the one the object names."""
+    done = cli(*args, "--json", **env)
+    assert done.stderr == "", done.stderr
+    said = json.loads(done.stdout)
+    assert said["exit_code"] == done.returncode != 0, (said, done.returncode)
+    return dict(said["error"])
+
+
+def test_under_json_errors_are_one_object_on_stdout(cli: Cli) -> None:
+    (cli.migrations / "0002_step_2.py").write_text(BROKEN)
+
+    failed = failed_json(cli, "up")
+    assert (failed["type"], "0002 step_2 (up) failed" in failed["message"]) == (
+        "MigrationFailed",
+        True,
+    )
+
+    stuck = failed_json(cli, "up")
+    assert (stuck["type"], stuck["reason"]) == ("ControlLocked", "stuck")
+
+    unreachable = failed_json(
+        cli, "status", "--timeout", "0.5", MONGODB_URI="mongodb://127.0.0.1:1"
+    )
+    assert unreachable["type"] == "CommandFailed"
+    assert unreachable["message"].startswith("cannot reach MongoDB at 127.0.0.1:1")
+
+    refused = failed_json(cli, "set-version", "3")  # no terminal to confirm on, no --yes
+    assert "pass --yes to confirm" in refused["message"]
 
 
 def _live_lock(cli: Cli) -> None:

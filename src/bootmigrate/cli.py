@@ -278,6 +278,7 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
     @functools.wraps(command)
     def wrapper(**options: Any) -> None:
         debug, verbose = options.pop("debug"), options.pop("verbose")
+        as_json = bool(options.get("as_json"))
         _configure_logging(debug=debug, verbose=verbose)
         try:
             session = _session(options)
@@ -285,19 +286,33 @@ def common(command: Callable[..., int | None]) -> Callable[..., None]:
         except (Failure, MigrationError) as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
             code = exc.code if isinstance(exc, Failure) else ERROR
+            _report_error(exc, str(exc), code, as_json)
         except Exception as exc:
             if debug:
                 raise
-            click.echo(
-                f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                err=True,
-            )
             code = ERROR
+            message = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            _report_error(exc, message, code, as_json)
         sys.exit(code)
 
     return wrapper
+
+
+def _report_error(exc: Exception, message: str, code: int, as_json: bool) -> None:
+    """One line on stderr; under ``--json``, one object on stdout instead, so that a script
+    reads every outcome, errors included, from the same place."""
+    if not as_json:
+        click.echo(f"error: {message}", err=True)
+        return
+    error: dict[str, Any] = {
+        "type": "CommandFailed" if isinstance(exc, Failure) else type(exc).__name__,
+        "message": message,
+    }
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, MigrationError) and isinstance(reason, str):
+        error["reason"] = reason  # ControlLocked's: stuck, locked, lost, unfinished...
+    click.echo(json.dumps({"error": error, "exit_code": code}, indent=2))
 
 
 def _session(options: dict[str, Any]) -> Session:
