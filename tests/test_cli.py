@@ -173,6 +173,16 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     assert cli.json("up")["applied"] == [2, 3]
 
 
+def test_a_field_has_one_shape_across_commands(cli: Cli) -> None:
+    """`holder` is who holds the lock (a document, or null) wherever it appears; whether a
+    run took the lock itself is `held_lock`."""
+    ran = cli.json("up")
+
+    assert (ran["held_lock"], "holder" not in ran) == (True, True)
+    assert cli.json("status")["lock"]["holder"] is None
+    assert cli.json("up")["held_lock"] is False  # nothing to do: no lock taken
+
+
 def failed_json(cli: Cli, *args: str, **env: str) -> dict[str, Any]:
     """A command's ``--json`` error: one object on stdout, nothing on stderr; the exit code
     is the one the object names."""

@@ -626,7 +626,8 @@ def _migrate(session: Session, explicit_rerun: bool = False, **options: Any) -> 
         "applied": report.applied,
         "reverted": report.reverted,
         "waited_s": report.waited,
-        "holder": report.holder,
+        # Whether this command took the lock; `holder`, in `status`, is who holds it.
+        "held_lock": report.holder,
     }
 
     def human() -> None:
