@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -159,6 +160,7 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     assert done.returncode == 5
     assert "lock     stuck" in done.stdout
     assert "migration 2 step_2 (failed)" in done.stdout
+    assert re.search(r"\(failed\) on \S+ at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n", done.stdout)
     assert "RuntimeError: index build failed" in done.stdout
     assert "fix the cause, then: bootmigrate unlock" in done.stdout
     assert cli.json("status")["lock"]["failure"]["version"] == 2
@@ -204,6 +206,7 @@ def test_under_json_errors_are_one_object_on_stdout(cli: Cli) -> None:
 
     stuck = failed_json(cli, "up")
     assert (stuck["type"], stuck["reason"]) == ("ControlLocked", "stuck")
+    assert re.search(r" at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: ", stuck["message"])
 
     unreachable = failed_json(
         cli, "status", "--timeout", "0.5", MONGODB_URI="mongodb://127.0.0.1:1"

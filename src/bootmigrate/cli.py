@@ -27,7 +27,7 @@ from rich.table import Table
 from . import commands
 from .control import step_label
 from .drivers import address_of
-from .errors import ControlLocked, MigrationError, NotMigrated, finish_command
+from .errors import ControlLocked, MigrationError, NotMigrated, finish_command, utc_text
 from .plan import Plan, Target
 from .report import MigrationReport
 from .runner import migrate_with
@@ -721,7 +721,7 @@ def _print_status(session: Session, found: commands.Status) -> None:
                     "failed",
                     f"migration {failure.get('version')} "
                     f"{failure.get('name') or ''} ({failure.get('kind')}) on "
-                    f"{failure.get('host')} at {failure.get('at')}",
+                    f"{failure.get('host')} at {utc_text(failure.get('at'))}",
                 )
             )
             rows.append(("error", str(failure.get("error"))))

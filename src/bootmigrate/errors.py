@@ -199,7 +199,8 @@ class ControlLocked(MigrationError):
             fix = "Fix the cause, then unlock: `bootmigrate unlock`"
         return (
             f"migration {version} {failure.get('name') or ''} {what} on {where} at "
-            f"{failure.get('at')}{'' if direction == 'up' else f' during its `{direction}`'}: "
+            f"{utc_text(failure.get('at'))}"
+            f"{'' if direction == 'up' else f' during its `{direction}`'}: "
             f"{failure.get('error')}. The lock in collection "
             f"{self.collection!r} is held on purpose so that no replica boots on a "
             f"half-migrated database (at version {self.db_version}). {fix}, or "
@@ -468,3 +469,9 @@ def _after_unlock(direction: str, version: Any, to_version: Any = None) -> str:
 
 def _utc(moment: datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def utc_text(value: object) -> str:
+    """A moment read from the database (naive, in UTC) as people read it, with its zone;
+    anything else as it is."""
+    return _utc(value) if isinstance(value, datetime) else str(value)
