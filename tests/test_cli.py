@@ -141,10 +141,41 @@ def test_down_asks_at_a_terminal_and_proceeds_on_yes(cli: Cli) -> None:
     assert "reverted 3: version 3 -> 2" in out
 
 
+def test_down_steps_counts_applied_migrations_newest_first(cli: Cli) -> None:
+    cli("up")
+
+    report = cli.json("down", "--steps", "2", "--yes")
+
+    assert (report["reverted"], report["to_version"]) == ([3, 2], 1)
+    assert cli.json("down", "--steps", "5", "--yes")["reverted"] == [1]  # no further than 0
+
+
+@pytest.mark.parametrize("args", [(), ("--to", "1", "--steps", "1")], ids=["neither", "both"])
+def test_down_takes_exactly_one_of_to_and_steps(cli: Cli, args: tuple[str, ...]) -> None:
+    cli("up")
+
+    done = cli("down", *args, "--yes")
+
+    assert (done.returncode, done.stderr) == (
+        2,
+        "error: give exactly one of --to N (a version) and --steps N (a count)\n",
+    )
+    assert cli.control()["version"] == 3  # type: ignore[index]
+
+
+def test_rerun_needs_confirmation_and_refuses_without_a_terminal(cli: Cli) -> None:
+    cli("up")
+
+    done = cli("rerun", "2")
+
+    one_line_error(done, "stdin is not a terminal; pass --yes")
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 3]  # it did not run
+
+
 def test_rerun_runs_one_migration_again(cli: Cli) -> None:
     cli("up")
 
-    report = cli.json("rerun", "2")
+    report = cli.json("rerun", "2", "--yes")
 
     assert (report["applied"], report["to_version"]) == ([2], 3)
     assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 2, 3]
@@ -300,7 +331,7 @@ def test_new_writes_the_next_migration_file(cli: Cli) -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (("rerun", "9"), "cannot rerun version 9: this build has no such migration"),
+        (("rerun", "9", "--yes"), "cannot rerun version 9: this build has no such migration"),
         (("up", "--to", "9"), "target 9 is not a version this build knows"),
         (("set-version", "9", "--yes"), "target 9 is not a version this build knows"),
         (("plan", "--to", "7"), "target 7 is not a version this build knows"),

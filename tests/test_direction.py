@@ -148,7 +148,7 @@ def test_a_rerun_killed_inside_is_never_stepped_over_by_a_later_up(
     assert sync_db.migrations.find_one({"_id": "control"})["version"] == 3
     assert runs(sync_db) == before  # migration 4 did not run
 
-    rerun = Cli.for_replicas(replicas)("rerun", "2")
+    rerun = Cli.for_replicas(replicas)("rerun", "2", "--yes")
     assert rerun.returncode == 0, rerun.stderr
     after = boot(replicas, lease=LEASE, wait_timeout=30)
     assert (after["exit_code"], after.get("applied")) == (0, [4]), after

@@ -28,6 +28,7 @@ from . import commands
 from .control import step_label
 from .drivers import address_of
 from .errors import ControlLocked, MigrationError, NotMigrated, finish_command, utc_text
+from .migrations import load_migrations
 from .plan import Plan, Target
 from .report import MigrationReport
 from .runner import migrate_with
@@ -462,11 +463,21 @@ def wait(session: Session) -> int:
 
 
 @main.command()
-@click.option("--to", "to", type=int, required=True, help="Version to go down to.")
+@click.option("--to", "to", type=int, help="Version to go down to.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    help="How many applied migrations to revert, newest first (instead of --to).",
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @common
-def down(session: Session, to: int, yes: bool) -> None:
-    """Run down migrations to version N (asks first unless --yes)."""
+def down(session: Session, to: int | None, steps: int | None, yes: bool) -> None:
+    """Run down migrations to version N, or N steps down (asks first unless --yes)."""
+    if (to is None) == (steps is None):
+        raise Failure("give exactly one of --to N (a version) and --steps N (a count)", 2)
+    if steps is not None:
+        to = _steps_below(session, steps)
+    assert to is not None
     found = _plan(session, to)
     if found.to_version > found.from_version:
         raise Failure(
@@ -489,10 +500,16 @@ def down(session: Session, to: int, yes: bool) -> None:
 
 @main.command()
 @click.argument("version", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @common
-def rerun(session: Session, version: int) -> None:
-    """Run one applied migration's `up` again; the version does not change. Always runs (a
-    rerun asked for at boot runs once per build)."""
+def rerun(session: Session, version: int, yes: bool) -> None:
+    """Run one applied migration's `up` again; the version does not change (asks first
+    unless --yes). Always runs (a rerun asked for at boot runs once per build)."""
+    settings = _checked(session.settings, rerun=version)
+    plan = session.run(lambda db: commands.plan(db, session.migrations, settings))
+    if not session.as_json:
+        _print_plan(session, plan)
+    session.confirm(f"Run migration {version}'s up again, over data it has already changed?", yes)
     _migrate(session, rerun=version, explicit_rerun=True)
 
 
@@ -608,6 +625,17 @@ def _checked(base: Settings, **options: Any) -> Settings:
         return base.updated(**options)
     except (TypeError, ValueError) as exc:
         raise Failure(str(exc)) from None
+
+
+def _steps_below(session: Session, steps: int) -> int:
+    """The version ``steps`` applied migrations below the database's: what `down --steps`
+    goes down to (0 below the first)."""
+    found = session.run(lambda db: commands.status(db, session.migrations, session.settings))
+    applied = sorted(
+        (m.version for m in load_migrations(session.migrations) if m.version <= found.version),
+        reverse=True,
+    )
+    return applied[steps] if steps < len(applied) else 0
 
 
 def _plan(session: Session, target: Target) -> Plan:
