@@ -41,6 +41,7 @@ def test_status_json_schema(cli: Cli) -> None:
     assert set(status) == {
         "collection",
         "exists",
+        "database_exists",
         "version",
         "latest",
         "state",
@@ -78,7 +79,7 @@ def test_plan_shows_what_up_would_run_and_writes_nothing(cli: Cli) -> None:
 
 
 def test_up_applies_then_status_is_up_to_date(cli: Cli) -> None:
-    done = cli("up")
+    done = cli("up", "--yes")
 
     assert done.returncode == 0, done.stderr
     assert "applied 1, 2, 3: version 0 -> 3" in done.stdout
@@ -87,12 +88,12 @@ def test_up_applies_then_status_is_up_to_date(cli: Cli) -> None:
 
 
 def test_up_to_a_version(cli: Cli) -> None:
-    assert cli.json("up", "--to", "2")["applied"] == [1, 2]
+    assert cli.json("up", "--yes", "--to", "2")["applied"] == [1, 2]
     assert cli.control()["version"] == 2  # type: ignore[index]
 
 
 def test_history_newest_first_with_limit(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     records = cli.json("history", "--limit", "2")
 
@@ -101,7 +102,7 @@ def test_history_newest_first_with_limit(cli: Cli) -> None:
 
 
 def test_down_needs_confirmation_and_refuses_without_a_terminal(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     done = cli("down", "--to", "1")
 
@@ -110,7 +111,7 @@ def test_down_needs_confirmation_and_refuses_without_a_terminal(cli: Cli) -> Non
 
 
 def test_down_with_yes_reverts_newest_first(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     report = cli.json("down", "--to", "1", "--yes")
 
@@ -119,7 +120,7 @@ def test_down_with_yes_reverts_newest_first(cli: Cli) -> None:
 
 
 def test_down_asks_at_a_terminal_and_proceeds_on_yes(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
     leader, follower = pty.openpty()
     try:
         process = subprocess.Popen(
@@ -142,7 +143,7 @@ def test_down_asks_at_a_terminal_and_proceeds_on_yes(cli: Cli) -> None:
 
 
 def test_down_steps_counts_applied_migrations_newest_first(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     report = cli.json("down", "--steps", "2", "--yes")
 
@@ -152,7 +153,7 @@ def test_down_steps_counts_applied_migrations_newest_first(cli: Cli) -> None:
 
 @pytest.mark.parametrize("args", [(), ("--to", "1", "--steps", "1")], ids=["neither", "both"])
 def test_down_takes_exactly_one_of_to_and_steps(cli: Cli, args: tuple[str, ...]) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     done = cli("down", *args, "--yes")
 
@@ -164,7 +165,7 @@ def test_down_takes_exactly_one_of_to_and_steps(cli: Cli, args: tuple[str, ...])
 
 
 def test_rerun_needs_confirmation_and_refuses_without_a_terminal(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     done = cli("rerun", "2")
 
@@ -173,7 +174,7 @@ def test_rerun_needs_confirmation_and_refuses_without_a_terminal(cli: Cli) -> No
 
 
 def test_rerun_runs_one_migration_again(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     report = cli.json("rerun", "2", "--yes")
 
@@ -183,7 +184,7 @@ def test_rerun_runs_one_migration_again(cli: Cli) -> None:
 
 def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     (cli.migrations / "0002_step_2.py").write_text(BROKEN)
-    failed = cli("up")
+    failed = cli("up", "--yes")
     one_line_error(failed, "0002 step_2 (up) failed")
 
     done = cli("status")
@@ -203,17 +204,66 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     assert cli.json("history", "--limit", "1")[0]["action"] == "unlock"
 
     (cli.migrations / "0002_step_2.py").write_text(STEP.format(v=2))
-    assert cli.json("up")["applied"] == [2, 3]
+    assert cli.json("up", "--yes")["applied"] == [2, 3]
+
+
+def test_a_database_that_does_not_exist_is_said_and_up_asks_before_creating_it(
+    cli: Cli,
+) -> None:
+    """A mistyped --db names a database nothing ever wrote to: `status` says so, and `up`
+    refuses to create it and migrate there unless told to (--yes)."""
+    said = cli("status", "--db", "tpyo")
+    assert re.search(r"warning +database 'tpyo' does not exist on this server", said.stdout)
+    assert cli.json("status", "--db", "tpyo")["database_exists"] is False
+
+    refused = cli("up", "--db", "tpyo")
+    one_line_error(refused, "database 'tpyo' does not exist on this server")
+    assert "for a new database, pass --yes" in refused.stderr
+    assert "tpyo" not in cli.db.client.list_database_names()
+
+    assert cli.json("up", "--db", "tpyo", "--yes")["applied"] == [1, 2, 3]
+    assert cli.json("status", "--db", "tpyo")["database_exists"] is True
+    cli.db.client.drop_database("tpyo")
+
+
+def test_status_shows_the_database_when_a_migration_file_is_broken(cli: Cli) -> None:
+    cli("up", "--yes", "--to", "1")
+    (cli.migrations / "0002_step_2.py").write_text("async def up(db)\n    pass\n")
+
+    done = cli("status")
+
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"state +invalid", done.stdout)
+    assert re.search(r"version +1 *\n", done.stdout)
+    assert re.search(r"latest +3 *\n", done.stdout)
+    said = "0002_step_2.py failed to import: SyntaxError: expected ':' (line 1, column 17"
+    assert said in done.stdout
+    found = cli.json("status")
+    assert (found["state"], found["version"], found["pending"]) == ("invalid", 1, [])
+    assert said in found["problem"]
+
+    # The commands that need the modules fail on one line, at the same file and line.
+    one_line_error(cli("up"), said)
+
+
+def test_an_import_error_in_a_migration_names_its_line(cli: Cli) -> None:
+    (cli.migrations / "0003_step_3.py").write_text("X = 1\nimport no_such_module_here\n")
+
+    one_line_error(
+        cli("plan"),
+        "0003_step_3.py failed to import: ModuleNotFoundError: No module named "
+        "'no_such_module_here' (line 2)",
+    )
 
 
 def test_a_field_has_one_shape_across_commands(cli: Cli) -> None:
     """`holder` is who holds the lock (a document, or null) wherever it appears; whether a
     run took the lock itself is `held_lock`."""
-    ran = cli.json("up")
+    ran = cli.json("up", "--yes")
 
     assert (ran["held_lock"], "holder" not in ran) == (True, True)
     assert cli.json("status")["lock"]["holder"] is None
-    assert cli.json("up")["held_lock"] is False  # nothing to do: no lock taken
+    assert cli.json("up", "--yes")["held_lock"] is False  # nothing to do: no lock taken
 
 
 def failed_json(cli: Cli, *args: str, **env: str) -> dict[str, Any]:
@@ -229,13 +279,13 @@ def failed_json(cli: Cli, *args: str, **env: str) -> dict[str, Any]:
 def test_under_json_errors_are_one_object_on_stdout(cli: Cli) -> None:
     (cli.migrations / "0002_step_2.py").write_text(BROKEN)
 
-    failed = failed_json(cli, "up")
+    failed = failed_json(cli, "up", "--yes")
     assert (failed["type"], "0002 step_2 (up) failed" in failed["message"]) == (
         "MigrationFailed",
         True,
     )
 
-    stuck = failed_json(cli, "up")
+    stuck = failed_json(cli, "up", "--yes")
     assert (stuck["type"], stuck["reason"]) == ("ControlLocked", "stuck")
     assert re.search(r" at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: ", stuck["message"])
 
@@ -294,7 +344,7 @@ def test_unlock_refuses_a_live_holder_unless_forced(cli: Cli) -> None:
 
 
 def test_unlock_of_a_free_lock_changes_nothing(cli: Cli) -> None:
-    cli("up")
+    cli("up", "--yes")
 
     done = cli("unlock")
 
@@ -302,7 +352,7 @@ def test_unlock_of_a_free_lock_changes_nothing(cli: Cli) -> None:
 
 
 def test_set_version_skips_and_is_recorded(cli: Cli) -> None:
-    cli("up", "--to", "1")
+    cli("up", "--yes", "--to", "1")
 
     done = cli("set-version", "2", "--yes")
 
@@ -311,7 +361,7 @@ def test_set_version_skips_and_is_recorded(cli: Cli) -> None:
     assert cli.control()["version"] == 2  # type: ignore[index]
     record = cli.json("history", "--limit", "1")[0]
     assert (record["outcome"], record["action"], record["version"]) == ("manual", "set-version", 2)
-    assert cli.json("up")["applied"] == [3]
+    assert cli.json("up", "--yes")["applied"] == [3]
 
 
 def test_set_version_needs_confirmation(cli: Cli) -> None:
@@ -332,7 +382,7 @@ def test_new_writes_the_next_migration_file(cli: Cli) -> None:
     ("args", "fragment"),
     [
         (("rerun", "9", "--yes"), "cannot rerun version 9: this build has no such migration"),
-        (("up", "--to", "9"), "target 9 is not a version this build knows"),
+        (("up", "--yes", "--to", "9"), "target 9 is not a version this build knows"),
         (("set-version", "9", "--yes"), "target 9 is not a version this build knows"),
         (("plan", "--to", "7"), "target 7 is not a version this build knows"),
     ],
@@ -363,7 +413,7 @@ def test_unreachable_server_fails_within_the_timeout(cli: Cli) -> None:
 def test_malformed_control_document_is_one_clear_line(cli: Cli) -> None:
     cli.db.migrations.insert_one({"_id": "control", "locked": "false", "version": 3})
 
-    one_line_error(cli("up"), "`locked` must be true or false, got 'false'")
+    one_line_error(cli("up", "--yes"), "`locked` must be true or false, got 'false'")
     assert cli.control() == {"_id": "control", "locked": "false", "version": 3}
 
 
@@ -398,7 +448,7 @@ def test_status_shows_a_running_migrations_progress(cli: Cli) -> None:
 
 
 def test_validate_reports_a_changed_migration_and_exits_6(cli: Cli) -> None:
-    assert cli("up").returncode == 0
+    assert cli("up", "--yes").returncode == 0
     assert cli("validate").returncode == 0
     (cli.migrations / "0002_step_2.py").write_text(STEP.format(v=20))
 

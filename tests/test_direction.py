@@ -280,7 +280,7 @@ async def test_rocket_chats_hand_skip_of_a_failed_up_still_works(db: Any) -> Non
 
 
 def test_status_shows_the_unfinished_down_and_the_way_out(cli: Cli) -> None:
-    assert cli("up").returncode == 0
+    assert cli("up", "--yes").returncode == 0
     (cli.migrations / "0002_step_2.py").write_text(
         "async def up(db):\n    pass\n\nasync def down(db):\n    raise RuntimeError('in use')\n"
     )
@@ -300,7 +300,7 @@ def test_status_shows_the_unfinished_down_and_the_way_out(cli: Cli) -> None:
 
 
 def test_runbook_unfinished_down(cli: Cli) -> None:
-    assert cli("up").returncode == 0
+    assert cli("up", "--yes").returncode == 0
     step_2 = cli.migrations / "0002_step_2.py"
     fixed = step_2.read_text()
     step_2.write_text(fixed.replace("await db.items.delete_one", "raise RuntimeError('in use') #"))

@@ -25,7 +25,7 @@ async def test_migrate_records_history_in_the_collection_named(db: Any) -> None:
 
 
 def test_cli_commands_take_the_history_collection_from_a_flag(cli: Cli) -> None:
-    assert cli("up", "--history-collection", "audit").returncode == 0
+    assert cli("up", "--yes", "--history-collection", "audit").returncode == 0
 
     records = cli.json("history", "--history-collection", "audit")
     assert [r["version"] for r in records] == [3, 2, 1]
@@ -35,7 +35,7 @@ def test_cli_commands_take_the_history_collection_from_a_flag(cli: Cli) -> None:
 
 def test_cli_commands_take_the_history_collection_from_the_environment(cli: Cli) -> None:
     env = {"BOOTMIGRATE_HISTORY_COLLECTION": "audit"}
-    assert cli("up", "--to", "1", **env).returncode == 0
+    assert cli("up", "--yes", "--to", "1", **env).returncode == 0
     assert cli("set-version", "3", "--yes", **env).returncode == 0
 
     # Sorted by version: ObjectIds made by two processes within a second do not order.

@@ -71,10 +71,10 @@ async def test_a_replica_that_finds_the_rerun_done_says_by_whom_and_does_nothing
 
 
 def test_the_operator_command_always_runs(cli: Cli) -> None:
-    assert cli("up").returncode == 0
+    assert cli("up", "--yes").returncode == 0
 
     for _ in range(2):
-        done = cli("rerun", "2", BOOTMIGRATE_BUILD="ops")
+        done = cli("rerun", "2", "--yes", BOOTMIGRATE_BUILD="ops")
         assert done.returncode == 0, done.stderr
 
     assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 2, 2, 3]

@@ -40,7 +40,7 @@ def follow(cli: Cli, name: str, on_comment: Callable[[str], None] = lambda line:
 
 def break_step_2(cli: Cli) -> None:
     (cli.migrations / "0002_step_2.py").write_text(BROKEN)
-    assert cli("up").returncode == 1
+    assert cli("up", "--yes").returncode == 1
 
 
 def test_failed_migration(cli: Cli) -> None:
@@ -65,7 +65,7 @@ def test_foreign_lock(cli: Cli) -> None:
 
 
 def test_skip(cli: Cli) -> None:
-    assert cli("up", "--to", "1").returncode == 0
+    assert cli("up", "--yes", "--to", "1").returncode == 0
 
     follow(cli, "skip")
 
@@ -83,7 +83,7 @@ def test_skip_failed(cli: Cli) -> None:
 
 
 def test_rollback(cli: Cli) -> None:
-    assert cli("up").returncode == 0
+    assert cli("up", "--yes").returncode == 0
 
     follow(cli, "rollback")
 

@@ -193,7 +193,7 @@ async def test_a_failed_migration_still_unlocks_without_force(db: Any) -> None:
 
 def holder_died_inside_2(cli: Cli) -> None:
     """The control document a holder killed inside migration 2 (not idempotent) leaves."""
-    assert cli("up", "--to", "1").returncode == 0
+    assert cli("up", "--yes", "--to", "1").returncode == 0
     beat = cli.db.command("hello")["localTime"] - timedelta(hours=1)
     step = {"version": 2, "name": "step_2", "direction": "up"}
     cli.db.migrations.update_one(

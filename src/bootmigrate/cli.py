@@ -54,6 +54,7 @@ STATE_EXIT = {
     "locked": LOCKED,
     "stuck": STUCK,
     "unsupported": ERROR,
+    "invalid": ERROR,
 }
 
 T = TypeVar("T")
@@ -80,6 +81,11 @@ class Session:
     driver: str
     as_json: bool
     console: Console = field(init=False)
+
+    @property
+    def db_label(self) -> str:
+        """The database as the operator named it, for messages."""
+        return f"database {self.db_name!r}" if self.db_name else "the URI's database"
 
     def __post_init__(self) -> None:
         # Piped output (logs, scripts) gets wide lines rather than 80-column folding.
@@ -397,10 +403,24 @@ def plan_command(session: Session, to: int | None) -> None:
     show_default=True,
     help="On SIGTERM, seconds a running migration may go on to finish before it is cancelled.",
 )
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Migrate even a database that does not exist yet (a first deploy).",
+)
 @common
-def up(session: Session, to: int | None, wait_timeout: float, shutdown_grace: float) -> None:
+def up(
+    session: Session, to: int | None, wait_timeout: float, shutdown_grace: float, yes: bool
+) -> None:
     """Apply pending migrations (up to --to N). SIGTERM stops it as it stops a booting
-    replica: at once between migrations, after --shutdown-grace inside one."""
+    replica: at once between migrations, after --shutdown-grace inside one. A database that
+    does not exist yet is migrated only with --yes (a mistyped --db would create one)."""
+    if not yes and not session.run(commands.database_exists):
+        raise Failure(
+            f"{session.db_label} does not exist on this server (it has no collections): `up` "
+            "would create it and run every migration there. Check --db (or BOOTMIGRATE_DB, or "
+            "the URI's); for a new database, pass --yes"
+        )
     found = _plan(session, "latest" if to is None else to)
     if to is not None and found.to_version < found.from_version:
         raise Failure(
@@ -704,9 +724,20 @@ def _print_status(session: Session, found: commands.Status) -> None:
         ("latest", str(found.latest)),
         (
             "pending",
-            ", ".join(f"{s.migration.version} {s.migration.name}" for s in found.pending) or "none",
+            "not known: this build's migrations do not load (see problem)"
+            if found.state == "invalid"
+            else ", ".join(f"{s.migration.version} {s.migration.name}" for s in found.pending)
+            or "none",
         ),
     ]
+    if not found.database_exists:
+        rows.append(
+            (
+                "warning",
+                f"{session.db_label} does not exist on this server (no collections): check "
+                "--db (or BOOTMIGRATE_DB, or the URI's); `up` asks before creating it",
+            )
+        )
     if found.problem:
         rows.append(("problem", found.problem))
     if lock.locked:

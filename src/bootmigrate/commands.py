@@ -18,11 +18,11 @@ from .control import Control, Owner, step_label
 from .drivers import detect_driver
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
 from .lock import ControlLock, Lease, describe_lock
-from .migrations import Migration, MigrationSource, floor_in_force, load_migrations
+from .migrations import Migration, MigrationSource, catalog, floor_in_force, load_migrations
 from .plan import Plan, Step, latest_version, plan_for, resolve_target
 from .settings import Settings
 
-State = Literal["up-to-date", "pending", "locked", "stuck", "ahead", "unsupported"]
+State = Literal["up-to-date", "pending", "locked", "stuck", "ahead", "unsupported", "invalid"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,9 @@ class Status:
     state: State
     lock: Lock
     problem: str | None = None
+    # False when the database has no collection at all: often a mistyped name, where an
+    # `up` would create a new database and run every migration there.
+    database_exists: bool = True
 
     def as_json(self) -> dict[str, Any]:
         """The ``status --json`` schema (see docs/operations.md)."""
@@ -90,6 +93,7 @@ class Status:
         return {
             "collection": self.collection,
             "exists": self.exists,
+            "database_exists": self.database_exists,
             "version": self.version,
             "latest": self.latest,
             "state": self.state,
@@ -143,7 +147,14 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
     ('pending', 3, 5)
     """
     settings = settings or Settings()
-    known, lock = _prepare(db, migrations, settings)
+    detect_driver(db)
+    lock = _lock(db, settings)
+    try:
+        known = load_migrations(migrations)
+    except InvalidMigrations as exc:
+        # The files do not load, but the database's state is still worth showing: it is
+        # what an operator needs beside the file and line to fix.
+        return await _status_without_migrations(db, lock, migrations, str(exc))
     control = await lock.read()
     lease = await lock.lease_of(control)
     finished = (
@@ -195,8 +206,50 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
     else:
         state = "up-to-date"
     return Status(
-        lock.collection_name, control.exists, planned.version, latest, pending, state, view, problem
+        lock.collection_name,
+        control.exists,
+        planned.version,
+        latest,
+        pending,
+        state,
+        view,
+        problem,
+        # Asked only without a control document, so an existing database pays nothing more.
+        control.exists or await database_exists(db),
     )
+
+
+async def _status_without_migrations(
+    db: Any, lock: ControlLock, migrations: MigrationSource, problem: str
+) -> Status:
+    """The database's side of ``status`` when this build's migrations do not load: its
+    version and lock as they are, the latest version from the file names if they can be
+    read, nothing pending (a plan needs the modules), and the problem."""
+    control = await lock.read()
+    lease = await lock.lease_of(control)
+    try:
+        latest = catalog(migrations).latest
+    except MigrationError:
+        latest = 0
+    return Status(
+        lock.collection_name,
+        control.exists,
+        control.version,
+        latest,
+        (),
+        "stuck" if control.stuck else "invalid",
+        Lock.seen(control, lease),
+        problem,
+        control.exists or await database_exists(db),
+    )
+
+
+async def database_exists(db: Any) -> bool:
+    """Whether ``db`` exists on its server: MongoDB creates a database with its first
+    collection, so one without any is a name nothing has written to yet."""
+    detect_driver(db)
+    names = await db.list_collection_names(authorizedCollections=True)
+    return bool(names)
 
 
 async def plan(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Plan:

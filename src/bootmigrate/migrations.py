@@ -16,6 +16,7 @@ import os
 import pkgutil
 import re
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,9 @@ class Catalog(Mapping[int, Migration]):
             try:
                 module = importlib.import_module(origin)
             except Exception as exc:
-                raise InvalidMigrations(f"migration {origin} failed to import: {exc!r}") from exc
+                raise InvalidMigrations(
+                    f"migration {origin} failed to import: {import_failure(exc, None)}"
+                ) from exc
             return _from_module(module, version, name, origin)
         stat = os.stat(origin)
         stamp = (origin, stat.st_mtime_ns, stat.st_size)
@@ -352,8 +355,28 @@ def _import_file(file: Path, module_name: str) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise InvalidMigrations(f"migration file {file} failed to import: {exc!r}") from exc
+        raise InvalidMigrations(
+            f"migration file {file} failed to import: {import_failure(exc, file)}"
+        ) from exc
     return module
+
+
+def import_failure(exc: BaseException, file: Path | None) -> str:
+    """Why a migration module did not import, where in it: the error and its line (for a
+    syntax error, the line the parser stopped at; otherwise the last line of ``file`` the
+    error went through), not the exception's raw repr."""
+    if isinstance(exc, SyntaxError):
+        where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")
+        text = (exc.text or "").strip()
+        return f"SyntaxError: {exc.msg} ({where}{f': {text}' if text else ''})"
+    line = None
+    if file is not None:
+        resolved = str(file.resolve())
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if str(Path(frame.filename).resolve()) == resolved:
+                line = frame.lineno
+    where = f" (line {line})" if line is not None else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _from_module(module: ModuleType, version: int, name: str, origin: str) -> Migration:
