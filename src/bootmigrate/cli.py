@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 
 import anyio
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
 from . import commands
+from .config import SETTINGS_ONLY, ConfigError, ProjectConfig, find_config
 from .control import step_label
 from .drivers import address_of
 from .errors import ControlLocked, MigrationError, NotMigrated, finish_command, utc_text
@@ -322,12 +324,20 @@ def _report_error(exc: Exception, message: str, code: int, as_json: bool) -> Non
     click.echo(json.dumps({"error": error, "exit_code": code}, indent=2))
 
 
+def _project() -> ProjectConfig:
+    """The ``[tool.bootmigrate]`` section the command group found (none outside it)."""
+    context = click.get_current_context(silent=True)
+    found = context.find_root().obj if context is not None else None
+    return found if isinstance(found, ProjectConfig) else ProjectConfig()
+
+
 def _session(options: dict[str, Any]) -> Session:
     """The session from the shared options, which it takes out of ``options``."""
     settings = _checked(
         Settings(),
         collection=options.pop("collection"),
         history_collection=options.pop("history_collection"),
+        **{k: v for k, v in _project().values.items() if k in SETTINGS_ONLY},
     )
     timeout = options.pop("timeout")
     return Session(
@@ -357,14 +367,24 @@ def _configure_logging(*, debug: bool, verbose: bool) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bootmigrate")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """See and drive bootmigrate's MongoDB migrations without hand-editing the database.
+
+    Settings come from flags, then the environment, then `[tool.bootmigrate]` in the nearest
+    pyproject.toml, then the defaults; `bootmigrate config` shows which.
 
     Exit codes: 0 success (status: up to date), 1 error, 2 usage, 3 pending migrations,
     4 locked by a running migration, 5 stuck after a failure, 6 applied migrations changed.
     `wait` uses the same codes for what it found when it gave up. SIGTERM or SIGINT stops a
     command as it stops a booting replica, and exits 128 + the signal (143 for SIGTERM).
     """
+    try:
+        project = find_config(Path.cwd())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    ctx.obj = project
+    ctx.default_map = project.default_map(main.commands)
 
 
 @main.command()
@@ -628,10 +648,80 @@ def history(session: Session, limit: int) -> None:
 
 
 @main.command()
+@common
+def config(session: Session) -> None:
+    """Show each setting the commands use, and where it came from: a flag, the environment,
+    `[tool.bootmigrate]` in pyproject.toml, or the default."""
+    context = click.get_current_context()
+    project = _project()
+    where = {
+        ParameterSource.COMMANDLINE: "flag",
+        ParameterSource.ENVIRONMENT: "environment",
+        ParameterSource.DEFAULT_MAP: f"{project.path}",
+    }
+    shown = {
+        "uri": re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", session.uri),
+        "db": session.db_name,
+        "migrations": session.migrations,
+        "collection": session.settings.collection,
+        "history_collection": session.settings.history_name,
+        "driver": session.driver,
+        "timeout": session.timeout,
+    }
+    rows = [
+        {
+            "setting": name.replace("_", "-"),
+            "value": value,
+            "from": _source(where, context.get_parameter_source(name)),
+        }
+        for name, value in shown.items()
+    ]
+    rows.append(
+        {
+            "setting": "lease",
+            "value": session.settings.lease,
+            "from": str(project.path) if "lease" in project.values else "default",
+        }
+    )
+
+    def human() -> None:
+        table = _table("setting", "value", "from")
+        for row in rows:
+            table.add_row(str(row["setting"]), str(row["value"]), str(row["from"]))
+        session.console.print(table)
+
+    session.emit({"file": str(project.path) if project.path else None, "settings": rows}, human)
+
+
+def _source(where: dict[ParameterSource, str], source: ParameterSource | None) -> str:
+    return where.get(source, "default") if source is not None else "default"
+
+
+@main.command()
+@click.option(
+    "--migrations",
+    default="migrations",
+    show_default=True,
+    help="Directory to create for the migrations, relative to the project.",
+)
+@click.option("--db", "db", help="Database name to record in [tool.bootmigrate].")
+def init(migrations: str, db: str | None) -> None:
+    """Start using bootmigrate in this project: create the migrations directory and a
+    `[tool.bootmigrate]` section in ./pyproject.toml (created if missing)."""
+    try:
+        done = commands.init_project(Path.cwd(), migrations, db)
+    except (MigrationError, ConfigError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ERROR)
+    for line in done:
+        click.echo(line)
+
+
+@main.command()
 @click.argument("name")
 @common
 def new(session: Session, name: str) -> None:
-    """Write the next migration file from a template."""
+    """Write the next migration file from a template (creating the directory if needed)."""
     path = commands.new_migration(Path(session.migrations), name)
     session.emit(
         {"path": str(path), "version": int(path.name.split("_")[0])},

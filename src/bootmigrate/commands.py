@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checksums import Drift, find_drift
+from .config import ConfigError
 from .control import Control, Owner, step_label
 from .drivers import detect_driver
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
@@ -340,10 +341,9 @@ _FILE_VERSION = re.compile(r"^(\d+)_\w+\.py$")
 def new_migration(directory: str | Path, name: str) -> Path:
     """Write the next migration file from the template: next free version, zero-padded."""
     folder = Path(directory)
-    if not folder.is_dir():
-        raise InvalidMigrations(
-            f"migrations directory {str(folder)!r} does not exist; create it or pass --migrations"
-        )
+    if folder.exists() and not folder.is_dir():
+        raise InvalidMigrations(f"{str(folder)!r} is a file, not a migrations directory")
+    folder.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
     if not slug:
         raise InvalidMigrations(f"cannot make a file name out of {name!r}; use letters or digits")
@@ -357,18 +357,58 @@ def new_migration(directory: str | Path, name: str) -> Path:
 
 _TEMPLATE = '''"""{title}."""
 
+from typing import Any
+
+from bootmigrate import MigrationContext
+
 # True only if running `up` twice is harmless: a replica that takes over from one that
 # crashed inside this migration may then run it again. Otherwise the lock is left stuck.
 idempotent = False
 
 
-async def up(db, ctx):
+async def up(db: Any, ctx: MigrationContext) -> None:
     raise NotImplementedError("write this migration")
 
 
-async def down(db, ctx):
+async def down(db: Any, ctx: MigrationContext) -> None:
     raise NotImplementedError("write the way back, or delete this function")
 '''
+
+_PACKAGE_INIT = '''"""The service's migrations, a file each: `bootmigrate new "what it does"`."""
+
+# The oldest database version this release upgrades from, once old migrations are removed:
+# FLOOR = 0
+'''
+
+
+def init_project(root: Path, migrations: str, db: str | None) -> list[str]:
+    """Create ``migrations`` (with an ``__init__.py``) and a ``[tool.bootmigrate]`` section
+    in the project's pyproject.toml (the nearest at or above ``root``; created in ``root`` if
+    there is none); refused if the section is already there. Returns what it did, a line
+    each."""
+    # The project's root: the nearest pyproject.toml up from here, or here if there is none.
+    root = next((d for d in (root, *root.parents) if (d / "pyproject.toml").is_file()), root)
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text() if pyproject.exists() else ""
+    if re.search(r"^\[tool\.bootmigrate\]", text, re.MULTILINE):
+        raise ConfigError(f"{pyproject} already has a [tool.bootmigrate] section; edit it there")
+    done = []
+    folder = root / migrations
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        done.append(f"created {folder}/")
+    init = folder / "__init__.py"
+    if not init.exists():
+        init.write_text(_PACKAGE_INIT)
+        done.append(f"created {init}")
+    section = f'\n[tool.bootmigrate]\nmigrations = "{migrations}"\n'
+    if db:
+        section += f'db = "{db}"\n'
+    section += '# collection = "migrations"\n# wait-timeout = 300\n# lease = 30\n'
+    pyproject.write_text(text + ("\n" if text and not text.endswith("\n") else "") + section)
+    done.append(f"{'added' if text else 'created'} [tool.bootmigrate] in {pyproject}")
+    done.append('next: `bootmigrate new "first migration"`, then `bootmigrate status`')
+    return done
 
 
 def _known_if_loadable(migrations: MigrationSource | None) -> dict[int, Migration] | None:
