@@ -456,4 +456,27 @@ def test_validate_reports_a_changed_migration_and_exits_6(cli: Cli) -> None:
 
     assert done.returncode == 6
     assert "step_2" in done.stdout and "changed" in done.stdout
+    assert "accepted with `bootmigrate repair`" in done.stdout
     assert [d["version"] for d in cli.json("validate")] == [2]
+
+
+def test_repair_accepts_a_changed_checksum_after_showing_it(cli: Cli) -> None:
+    assert cli("up", "--yes").returncode == 0
+    step_2 = cli.migrations / "0002_step_2.py"
+    step_2.write_text(
+        "# a comment changes the checksum, not what the migration does\n" + STEP.format(v=2)
+    )
+
+    refused = cli("repair")  # no terminal to confirm on, no --yes
+    assert refused.returncode == 1
+    assert "step_2" in refused.stdout and "pass --yes" in refused.stderr  # shown, then refused
+    assert cli("validate").returncode == 6  # nothing recorded
+
+    done = cli.json("repair", "--yes")
+
+    assert [d["version"] for d in done["accepted"]] == [2]
+    assert cli("validate").returncode == 0
+    record = cli.json("history", "--limit", "1")[0]
+    assert (record["version"], record["action"], record["outcome"]) == (2, "repair", "manual")
+    assert "checksum accepted by an operator" in record["note"]
+    assert cli.json("repair", "--yes")["accepted"] == []  # nothing left to accept

@@ -33,12 +33,19 @@ async def find_drift(history: Any, known: list[Migration], version: int) -> list
     """Compare the checksums recorded for applied migrations (up to ``version``, the database's
     version) with the migrations in ``known``. Versions older than the oldest one shipped are
     not reported: removing those is how a release drops old migrations (its floor)."""
+    ran_or_accepted = {
+        "$or": [
+            {"outcome": "applied", "direction": {"$in": ["up", "rerun"]}},
+            {"action": "repair"},  # an operator accepted the code as it is now
+        ],
+        "checksum": {"$ne": None},
+    }
     records = await history.find(
-        {"outcome": "applied", "direction": {"$in": ["up", "rerun"]}, "checksum": {"$ne": None}},
+        ran_or_accepted,
         {"version": 1, "name": 1, "checksum": 1},
         sort=[("finished_at", 1), ("_id", 1)],
     ).to_list(None)
-    last_applied = {record["version"]: record for record in records}  # the latest run wins
+    last_applied = {record["version"]: record for record in records}  # the latest one wins
     shipped = {migration.version: migration for migration in known}
     oldest = known[0].version if known else None
     found = []

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import commands
+from .checksums import Drift
 from .config import SETTINGS_ONLY, ConfigError, ProjectConfig, find_config
 from .control import step_label
 from .drivers import address_of
@@ -627,15 +628,50 @@ def validate(session: Session) -> int:
         if not drift:
             session.console.print("every applied migration matches the code that ran")
             return
-        table = _table("version", "name", "problem", "checksum then", "checksum now")
-        for d in drift:
-            table.add_row(
-                str(d.version), d.name, d.problem, d.recorded[:12], (d.current or "")[:12]
+        _print_drift(session, drift)
+        if any(d.problem == "changed" for d in drift):
+            session.console.print(
+                "a change that does not alter what the migration does (a comment, a reformat) "
+                "is accepted with `bootmigrate repair`"
             )
-        session.console.print(table)
 
     session.emit([vars(d) for d in drift], human)
     return DRIFT if drift else OK
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@common
+def repair(session: Session, yes: bool) -> int:
+    """Accept the current code of applied migrations whose checksum changed (shows them and
+    asks first unless --yes); recorded in history. Runs nothing."""
+    drift = session.run(lambda db: commands.validate(db, session.migrations, session.settings))
+    changed = [d for d in drift if d.problem == "changed"]
+    if changed:
+        if not session.as_json:
+            _print_drift(session, changed)
+        session.confirm(
+            f"Accept the code of {len(changed)} migration(s) as it is now, as if it had run?", yes
+        )
+        changed = session.run(lambda db: commands.repair(db, session.migrations, session.settings))
+    missing = [d for d in drift if d.problem == "missing"]
+
+    def human() -> None:
+        if changed:
+            names = ", ".join(str(d.version) for d in changed)
+            session.console.print(f"accepted the current code of {names} (recorded in history)")
+        else:
+            session.console.print("no changed checksum to accept")
+        for d in missing:
+            session.console.print(
+                f"still reported: {d.describe()}; restore its file (a repair accepts only "
+                "changed code)"
+            )
+
+    session.emit(
+        {"accepted": [vars(d) for d in changed], "missing": [vars(d) for d in missing]}, human
+    )
+    return DRIFT if missing else OK
 
 
 @main.command()
@@ -691,6 +727,13 @@ def config(session: Session) -> None:
         session.console.print(table)
 
     session.emit({"file": str(project.path) if project.path else None, "settings": rows}, human)
+
+
+def _print_drift(session: Session, drift: list[Drift]) -> None:
+    table = _table("version", "name", "problem", "checksum then", "checksum now")
+    for d in drift:
+        table.add_row(str(d.version), d.name, d.problem, d.recorded[:12], (d.current or "")[:12])
+    session.console.print(table)
 
 
 def _source(where: dict[ParameterSource, str], source: ParameterSource | None) -> str:

@@ -18,6 +18,7 @@ from .config import ConfigError
 from .control import Control, Owner, step_label
 from .drivers import detect_driver
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
+from .history import Entry
 from .lock import ControlLock, Lease, describe_lock
 from .migrations import Migration, MigrationSource, catalog, floor_in_force, load_migrations
 from .plan import Plan, Step, latest_version, plan_for, resolve_target
@@ -319,6 +320,32 @@ async def validate(
     known, lock = _prepare(db, migrations, settings or Settings())
     control = await lock.read()
     return await find_drift(lock.history.collection, known, control.version)
+
+
+async def repair(
+    db: Any, migrations: MigrationSource, settings: Settings | None = None
+) -> list[Drift]:
+    """Accept the current code of applied migrations whose checksum changed (a comment, a
+    reformat): one ``repair`` history record each, carrying the new checksum, which
+    ``validate`` and ``migrate(validate=True)`` then compare with. Runs nothing; a migration
+    whose file is missing is left reported. Returns the migrations it accepted."""
+    known, lock = _prepare(db, migrations, settings or Settings())
+    control = await lock.read()
+    changed = [
+        d
+        for d in await find_drift(lock.history.collection, known, control.version)
+        if d.problem == "changed"
+    ]
+    for drift in changed:
+        note = (
+            f"checksum accepted by an operator: {drift.recorded[:12]} (what ran) -> "
+            f"{(drift.current or '')[:12]} (the code now)"
+        )
+        entry = Entry(
+            drift.version, drift.name, "manual", action="repair", note=note, checksum=drift.current
+        )
+        await lock.history.record(entry)
+    return changed
 
 
 async def history(
