@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from bootmigrate import migrate, pyproject_options
+
 
 def bootmigrate(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """The CLI in ``cwd``, with none of the developer's own BOOTMIGRATE_* settings."""
@@ -131,3 +133,27 @@ def test_new_creates_the_directory_it_writes_into(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "db" / "migrations" / "0001_first.py").is_file()
+
+
+@pytest.mark.anyio
+async def test_the_library_reads_the_same_section_when_asked(project: Path, db: Any) -> None:
+    with (project / "pyproject.toml").open("a") as file:
+        file.write('collection = "schema"\nlease = 12\n')
+    (project / "migrations" / "0001_add_email_index.py").write_text(
+        "async def up(db):\n    await db.users.create_index('email', unique=True)\n"
+    )
+
+    options = pyproject_options(project / "migrations")  # found from below, too
+
+    assert options == {
+        "migrations": str((project / "migrations").resolve()),
+        "collection": "schema",
+        "lease": 12,
+    }  # `db` is the CLI's: a service passes its own database
+    events: list[Any] = []
+    report = await migrate(db, **options, on_event=events.append)
+    assert report.applied == [1]
+    assert await db.schema.find_one({"_id": "control"}) is not None
+    assert await db.schema_history.count_documents({"version": 1}) == 1
+    [acquired] = [e for e in events if e.name == "acquired"]
+    assert acquired.holder["lease"] == 12

@@ -4,6 +4,7 @@
 """
 
 from .commands import Status, status
+from .config import ConfigError, pyproject_options
 from .context import MigrationContext
 from .errors import (
     ControlLocked,
@@ -27,6 +28,7 @@ from .servers import UnsupportedServer
 from .settings import Settings
 
 __all__ = [
+    "ConfigError",
     "ControlLocked",
     "DatabaseAhead",
     "DatabaseError",
@@ -48,5 +50,6 @@ __all__ = [
     "UnsupportedUpgrade",
     "load_migrations",
     "migrate",
+    "pyproject_options",
     "status",
 ]

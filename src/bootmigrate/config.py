@@ -26,6 +26,8 @@ SHARED = ("db", "migrations", "collection", "history_collection", "driver", "tim
 UP_ONLY = ("wait_timeout", "shutdown_grace")
 SETTINGS_ONLY = ("lease",)
 KEYS = (*SHARED, *UP_ONLY, *SETTINGS_ONLY)
+# The ones that are `migrate()` options too (the rest are the CLI's: how to connect).
+MIGRATE_KEYS = ("migrations", "collection", "history_collection", *UP_ONLY, *SETTINGS_ONLY)
 
 
 class ConfigError(ValueError):
@@ -84,3 +86,15 @@ def read_config(path: Path) -> ProjectConfig:
     if isinstance(migrations, str) and (path.parent / migrations).exists():
         values["migrations"] = str((path.parent / migrations).resolve())
     return ProjectConfig(path, values)
+
+
+def pyproject_options(start: str | Path | None = None) -> dict[str, Any]:
+    """The ``migrate()`` options that ``[tool.bootmigrate]`` sets, in the nearest
+    pyproject.toml at or above ``start`` (default: the working directory): ``migrations``,
+    ``collection``, ``history_collection``, ``wait_timeout``, ``shutdown_grace``, ``lease``.
+    Empty without a section. The service's and the CLI's settings then live in one place:
+
+    >>> await migrate(db, **pyproject_options())  # doctest: +SKIP
+    """
+    found = find_config(Path.cwd() if start is None else Path(start))
+    return {k: v for k, v in found.values.items() if k in MIGRATE_KEYS}
