@@ -375,7 +375,7 @@ def test_new_writes_the_next_migration_file(cli: Cli) -> None:
     path = Path(created["path"])
     assert (path.name, created["version"]) == ("0004_backfill_display_names.py", 4)
     assert '"""Backfill display names."""' in path.read_text()
-    assert "async def up(db, ctx)" in path.read_text()
+    assert "async def up(db: Any, ctx: MigrationContext) -> None:" in path.read_text()
 
 
 @pytest.mark.parametrize(
@@ -418,13 +418,17 @@ def test_malformed_control_document_is_one_clear_line(cli: Cli) -> None:
 
 
 def test_bad_migrations_directory_is_one_clear_line(cli: Cli, tmp_path: Path) -> None:
-    done = cli("status", "--migrations", str(tmp_path / "nowhere"))
+    nowhere = str(tmp_path / "nowhere")
 
-    one_line_error(done, "neither a directory nor an importable package")
+    one_line_error(cli("plan", "--migrations", nowhere), "neither a directory nor an importable")
+
+    # status still shows the database, with the problem beside it
+    found = cli.json("status", "--migrations", nowhere)
+    assert found["state"] == "invalid" and "neither a directory" in found["problem"]
 
 
 def test_debug_shows_the_traceback(cli: Cli) -> None:
-    done = cli("status", "--migrations", "no/such/dir", "--debug")
+    done = cli("plan", "--migrations", "no/such/dir", "--debug")
 
     assert done.returncode == 1 and "Traceback" in done.stderr
 

@@ -43,7 +43,7 @@ def test_sigterm_stops_up_inside_a_migration_past_its_grace_as_interrupted(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
 ) -> None:
     cli = Cli.for_replicas(Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path, 3)))
-    up = start(cli, "up", "--shutdown-grace", "0.5", BM_BLOCK_AT="2")
+    up = start(cli, "up", "--yes", "--shutdown-grace", "0.5", BM_BLOCK_AT="2")
     try:
         wait_until(lambda: sync_db.ran.find_one({"version": 2}), 30, "up to enter migration 2")
         up.send_signal(signal.SIGTERM)
@@ -79,7 +79,7 @@ def test_a_second_signal_during_the_grace_is_answered_not_obeyed(
     sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path, signum: signal.Signals
 ) -> None:
     cli = Cli.for_replicas(Replicas(mongo_uri, sync_db, driver, recording_migrations(tmp_path, 3)))
-    up = start(cli, "up", "--shutdown-grace", "1", "-v", BM_BLOCK_AT="2")
+    up = start(cli, "up", "--yes", "--shutdown-grace", "1", "-v", BM_BLOCK_AT="2")
     try:
         wait_until(lambda: sync_db.ran.find_one({"version": 2}), 30, "up to enter migration 2")
         up.send_signal(signum)
