@@ -2,7 +2,8 @@
 
 Run one replica with ``PORT=8001 python -m examples.fastapi_app`` (or ``uvicorn --factory
 examples.fastapi_app:main``); ``make demo`` runs several.
-Configured by the environment: MONGODB_URI, MONGODB_DB, MONGODB_DRIVER (pymongo or motor),
+Configured by the environment: MONGODB_URI, BOOTMIGRATE_DB (as the CLI reads it; MONGODB_DB
+also works), MONGODB_DRIVER (pymongo or motor),
 BOOTMIGRATE_BUILD, REPLICA, PORT, and MIGRATE_AT_BOOT: ``apply`` (the default: migrate in the
 lifespan, listen once migrated), ``wait`` (only wait for a Job or hook to migrate) or
 ``background`` (listen at once, migrate in a background task; ``/readyz`` says when done).

@@ -57,7 +57,9 @@ class Settings:
 def load() -> Settings:
     return Settings(
         mongodb_uri=os.environ.get("MONGODB_URI", "mongodb://localhost:27017"),
-        database=os.environ.get("MONGODB_DB", "shop"),
+        # The CLI's variable, so that the service and `bootmigrate` name the database alike;
+        # MONGODB_DB is still read for deployments that set only that.
+        database=os.environ.get("BOOTMIGRATE_DB") or os.environ.get("MONGODB_DB", "shop"),
         migrations=os.environ.get("BOOTMIGRATE_MIGRATIONS", str(MIGRATIONS)),
         replica=os.environ.get("REPLICA", socket.gethostname()),
         port=int(os.environ.get("PORT", "8000")),

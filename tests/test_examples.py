@@ -187,3 +187,23 @@ def test_migrate_at_boot_is_read_from_the_environment_and_checked(
     monkeypatch.setenv("MIGRATE_AT_BOOT", "later")
     with pytest.raises(ValueError, match="MIGRATE_AT_BOOT must be one of apply, wait, background"):
         load()
+
+
+@pytest.mark.parametrize(
+    "env, database",
+    [
+        ({"BOOTMIGRATE_DB": "orders"}, "orders"),
+        ({"BOOTMIGRATE_DB": "orders", "MONGODB_DB": "legacy"}, "orders"),
+        ({"MONGODB_DB": "legacy"}, "legacy"),
+        ({}, "shop"),
+    ],
+)
+def test_the_example_names_its_database_as_the_cli_does(
+    env: dict[str, str], database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("BOOTMIGRATE_DB", "MONGODB_DB"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    assert load().database == database
