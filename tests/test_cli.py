@@ -200,6 +200,9 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     unlocked = cli("unlock")
     assert unlocked.returncode == 0
     assert "unlocked: was stuck at version 1: migration 2 failed" in unlocked.stdout
+    after = cli("status").stdout  # an unfinished up: the next boot resumes it, no fix to run
+    assert re.search(r"next +the next boot \(or `bootmigrate up`\) runs it again", after)
+    assert "finish it:" not in after
     assert cli.control()["locked"] is False  # type: ignore[index]
     assert cli.json("history", "--limit", "1")[0]["action"] == "unlock"
 
@@ -254,6 +257,14 @@ def test_an_import_error_in_a_migration_names_its_line(cli: Cli) -> None:
         "0003_step_3.py failed to import: ModuleNotFoundError: No module named "
         "'no_such_module_here' (line 2)",
     )
+
+
+def test_set_version_says_it_creates_a_database_that_does_not_exist(cli: Cli) -> None:
+    done = cli("set-version", "1", "--yes", "--db", "tpyo2")
+
+    assert done.returncode == 0, done.stderr
+    assert "warning: database 'tpyo2' did not exist on this server, and now does" in done.stdout
+    cli.db.client.drop_database("tpyo2")
 
 
 def test_a_field_has_one_shape_across_commands(cli: Cli) -> None:

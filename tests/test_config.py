@@ -59,6 +59,9 @@ def test_init_writes_the_section_and_the_package_and_new_a_typed_migration(
     again = bootmigrate(project / "migrations", "init")
     assert again.returncode == 1
     assert "already has a [tool.bootmigrate] section" in again.stderr
+    as_json = bootmigrate(project, "init", "--json")
+    assert (as_json.returncode, as_json.stderr) == (1, "")
+    assert "already has" in json.loads(as_json.stdout)["error"]["message"]
 
 
 def test_the_cli_works_from_anywhere_in_the_project(
@@ -105,6 +108,7 @@ def test_flags_beat_the_environment_which_beats_the_section(
     assert found["migrations"] == (str((project / "migrations").resolve()), pyproject)
     assert found["lease"] == (12, pyproject)
     assert found["driver"] == ("pymongo", "default")
+    assert found["wait-timeout (up)"] == (300.0, "default")
     assert found["uri"][0] == mongo_uri.replace("://", "://user:***@", 1)  # no secret shown
     assert sources(bootmigrate(project, "config", "--json"))["db"] == (sync_db.name, pyproject)
 

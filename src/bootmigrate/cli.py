@@ -601,8 +601,11 @@ def unlock(session: Session, force: bool) -> None:
 def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
     """Record the database as being at VERSION without running anything (a skip)."""
     current = session.run(lambda db: commands.status(db, session.migrations, session.settings))
+    creates = ""
+    if not current.database_exists:
+        creates = f" ({session.db_label} does not exist on this server: this creates it)"
     session.confirm(
-        f"Set the version from {current.version} to {version} without running migrations?",
+        f"Set the version from {current.version} to {version} without running migrations?{creates}",
         yes,
     )
     before = session.run(
@@ -614,6 +617,11 @@ def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
         {"from_version": before.version, "to_version": version},
         lambda: session.console.print(
             f"version set from {before.version} to {version} (recorded in history)"
+            + (
+                f"; warning: {session.db_label} did not exist on this server, and now does"
+                if not current.database_exists
+                else ""
+            )
         ),
     )
 
@@ -712,13 +720,20 @@ def config(session: Session) -> None:
         }
         for name, value in shown.items()
     ]
-    rows.append(
-        {
-            "setting": "lease",
-            "value": session.settings.lease,
-            "from": str(project.path) if "lease" in project.values else "default",
-        }
-    )
+    defaults = {
+        "lease": session.settings.lease,
+        "wait_timeout": session.settings.wait_timeout,
+        "shutdown_grace": session.settings.shutdown_grace,
+    }
+    for name, default in defaults.items():
+        rows.append(
+            {
+                # up's own options (--wait-timeout, --shutdown-grace) are shown as up sees them
+                "setting": name.replace("_", "-") + ("" if name == "lease" else " (up)"),
+                "value": project.values.get(name, default),
+                "from": str(project.path) if name in project.values else "default",
+            }
+        )
 
     def human() -> None:
         table = _table("setting", "value", "from")
@@ -748,14 +763,18 @@ def _source(where: dict[ParameterSource, str], source: ParameterSource | None) -
     help="Directory to create for the migrations, relative to the project.",
 )
 @click.option("--db", "db", help="Database name to record in [tool.bootmigrate].")
-def init(migrations: str, db: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def init(migrations: str, db: str | None, as_json: bool) -> None:
     """Start using bootmigrate in this project: create the migrations directory and a
     `[tool.bootmigrate]` section in ./pyproject.toml (created if missing)."""
     try:
         done = commands.init_project(Path.cwd(), migrations, db)
     except (MigrationError, ConfigError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        _report_error(exc, str(exc), ERROR, as_json)
         sys.exit(ERROR)
+    if as_json:
+        click.echo(json.dumps({"done": done}, indent=2))
+        return
     for line in done:
         click.echo(line)
 
@@ -926,13 +945,17 @@ def _print_status(session: Session, found: commands.Status) -> None:
             start = lock.unfinished.get("from_version")
             since = f", started at version {start}" if start is not None else ""
             rows.append(("unfinished", f"{step_label(lock.unfinished)}{since}"))
-            rows.append(
-                (
-                    "fix",
-                    f"finish it: {_finish(lock.unfinished)}; or, once checked, record the "
-                    "version the database is at: bootmigrate set-version N",
+            if (lock.unfinished.get("direction") or "up") == "up":
+                # Any boot that has it resumes an up: nothing for an operator to do.
+                rows.append(("next", "the next boot (or `bootmigrate up`) runs it again"))
+            else:
+                rows.append(
+                    (
+                        "fix",
+                        f"finish it: {_finish(lock.unfinished)}; or, once checked, record the "
+                        "version the database is at: bootmigrate set-version N",
+                    )
                 )
-            )
     table = _table("", "", header=False)
     for key, value in rows:
         table.add_row(key, value)
