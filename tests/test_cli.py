@@ -65,6 +65,7 @@ def test_status_json_schema(cli: Cli) -> None:
         "lease_expired",
         "running",
         "failure",
+        "unfinished",
         "on_expiry",
     }
 
@@ -203,6 +204,7 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     after = cli("status").stdout  # an unfinished up: the next boot resumes it, no fix to run
     assert re.search(r"next +the next boot \(or `bootmigrate up`\) runs it again", after)
     assert "finish it:" not in after
+    assert cli.json("status")["lock"]["unfinished"]["version"] == 2
     assert cli.control()["locked"] is False  # type: ignore[index]
     assert cli.json("history", "--limit", "1")[0]["action"] == "unlock"
 

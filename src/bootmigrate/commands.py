@@ -110,6 +110,8 @@ class Status:
                 "lease_expired": lock.lease_expired,
                 "running": lock.running,
                 "failure": _jsonable(lock.failure),
+                # A step that started and did not finish, whether or not the lock is held.
+                "unfinished": lock.unfinished,
                 "on_expiry": lock.on_expiry,
             },
         }
