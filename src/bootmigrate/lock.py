@@ -230,24 +230,12 @@ class ControlLock:
             held = await self._swap(_unbeaten(seen), {})
         if held is None:
             return None
-        self.events.emit(
-            "took_over",
-            "took over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s)%s",
-            seen.describe_owner(),
-            lease.silent_for,
-            lease.lease,
+        why = (
             f"; re-running migration {running['version']}, which is safe to repeat"
             if running
-            else "",
-            level=logging.WARNING,
-            holder=seen.owner,
-            running=running,
-            silent_s=lease.silent_for,
-            lease_s=lease.lease,
-            token=held.token,
-            db_version=held.version,
+            else ""
         )
-        return HeldLock(self, held)
+        return self._took_over(seen, lease, held, why)
 
     async def finished_before_dying(self, seen: Control) -> bool:
         """Whether the dead holder's history shows the step it names finished: it died after
@@ -279,20 +267,25 @@ class ControlLock:
             held = await self._modify(unchanged, update)
         if held is None:
             return None
-        running = seen.running or {}
+        why = (
+            f"; migration {(seen.running or {}).get('version')} had finished (its history "
+            f"record says applied), so the lock was taken at version {reached}"
+        )
+        return self._took_over(seen, lease, held, why)
+
+    def _took_over(self, seen: Control, lease: Lease, held: Control, why: str) -> HeldLock:
+        """Say that a dead holder's lock was taken over (``why``: what it was found doing),
+        and hand the lock over."""
         self.events.emit(
             "took_over",
-            "took over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s); "
-            "migration %s had finished (its history record says applied), so the lock was "
-            "taken at version %d",
+            "took over the migration lock from %s: no heartbeat seen for %.1f s (lease %g s)%s",
             seen.describe_owner(),
             lease.silent_for,
             lease.lease,
-            running.get("version"),
-            reached,
+            why,
             level=logging.WARNING,
             holder=seen.owner,
-            running=running,
+            running=seen.running,
             silent_s=lease.silent_for,
             lease_s=lease.lease,
             token=held.token,
