@@ -238,12 +238,9 @@ asyncio.run(main())
 """
 
 
-def test_the_readme_json_formatter_writes_the_event_fields(
-    app_dir: Path, mongo_uri: str, driver: str, sync_db: Any
-) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    [snippet] = [b for b in blocks if "class JsonFormatter" in b]
-    env = {
+def migrate_env(app_dir: Path, mongo_uri: str, driver: str, sync_db: Any) -> dict[str, str]:
+    """The environment MIGRATE reads: which server, database, driver and migrations."""
+    return {
         **os.environ,
         "BM_URI": mongo_uri,
         "BM_DB": sync_db.name,
@@ -251,6 +248,14 @@ def test_the_readme_json_formatter_writes_the_event_fields(
         "BM_MIGRATIONS": str(app_dir / "migrations"),
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
+
+
+def test_the_readme_json_formatter_writes_the_event_fields(
+    app_dir: Path, mongo_uri: str, driver: str, sync_db: Any
+) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    [snippet] = [b for b in blocks if "class JsonFormatter" in b]
+    env = migrate_env(app_dir, mongo_uri, driver, sync_db)
 
     done = subprocess.run(
         [sys.executable, "-c", snippet + MIGRATE],
@@ -279,14 +284,7 @@ def test_the_readme_json_formatter_writes_the_event_fields(
 def test_a_level_chosen_for_the_library_is_obeyed_by_the_fallback(
     app_dir: Path, mongo_uri: str, driver: str, sync_db: Any, setting: str, shown: str | None
 ) -> None:
-    env = {
-        **os.environ,
-        "BM_URI": mongo_uri,
-        "BM_DB": sync_db.name,
-        "BM_DRIVER": driver,
-        "BM_MIGRATIONS": str(app_dir / "migrations"),
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-    }
+    env = migrate_env(app_dir, mongo_uri, driver, sync_db)
     sync_db.migrations.insert_one({"_id": "control", "locked": False, "version": 5})  # ahead
 
     done = subprocess.run(

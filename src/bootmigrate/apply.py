@@ -282,13 +282,14 @@ class Applier:
             ) from exc
         state.inside = False
         duration = run.duration()
-        if not migration.transactional:  # a transaction committed these with the migration
+        if migration.transactional:  # its record and version committed with the migration
+            self._applied(step, duration)
+        else:
             # The history record goes first: a holder that dies between it and the version
             # write leaves a step a taker can tell finished (see ControlLock.take_over).
             self.held.check_in_touch("before recording a migration applied")
             await self.held.record(self._applied_entry(run))
-        self._applied(step, duration)
-        if not migration.transactional:
+            self._applied(step, duration)
             await self.held.advance(step.version_after, then=following)
         state.done(step)
 

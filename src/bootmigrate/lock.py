@@ -261,8 +261,12 @@ class ControlLock:
         }
         # Also as seen in version and step: an operator's set-version meanwhile (which moves
         # neither the token nor the beats) must not be overwritten by the version read here.
-        unchanged = {**_unbeaten(seen), "version": seen.version, "running": seen.raw.get("running")}
-        unchanged["unfinished"] = seen.raw.get("unfinished")
+        unchanged = {
+            **_unbeaten(seen),
+            "version": seen.version,
+            "running": seen.raw.get("running"),
+            "unfinished": seen.raw.get("unfinished"),
+        }
         with anyio.CancelScope(shield=True), deadline.bound():
             held = await self._modify(unchanged, update)
         if held is None:
@@ -365,8 +369,7 @@ class ControlLock:
         reached: int | None = None
         if finished and unfinished is not None:
             reached = int(unfinished["to_version"])
-            update["$set"]["version"] = reached
-            update["$unset"] = {**{name: "" for name in HELD_FIELDS}, "unfinished": ""}
+            update = {**_RELEASED_UNNAMED, "$set": {"locked": False, "version": reached}}
             note += (
                 f"; migration {unfinished.get('version')} had finished (its history record "
                 f"says applied), so version {reached} was recorded"
@@ -387,7 +390,7 @@ class ControlLock:
                 name=str(step.get("name") or ""),
             )
         )
-        return OperatorChange(True, seen, lease, reached if finished else None)
+        return OperatorChange(True, seen, lease, reached)
 
     async def set_version(self, version: int, *, force: bool) -> OperatorChange:
         """Record the database as being at ``version`` (a skip) without touching the lock,
