@@ -373,7 +373,8 @@ def test_set_version_skips_and_is_recorded(cli: Cli) -> None:
     assert "version set from 1 to 2" in done.stdout
     assert cli.control()["version"] == 2  # type: ignore[index]
     record = cli.json("history", "--limit", "1")[0]
-    assert (record["outcome"], record["action"], record["version"]) == ("manual", "set-version", 2)
+    assert (record["outcome"], record["action"], record["version"]) == ("skipped", "set-version", 2)
+    assert (record["from_version"], record["versions"]) == (1, [2])
     assert cli.json("up", "--yes")["applied"] == [3]
 
 

@@ -18,6 +18,7 @@ from .errors import (
     MigrationError,
     MigrationFailed,
     NotMigrated,
+    OutOfOrder,
     UnsupportedUpgrade,
 )
 from .events import Event
@@ -44,6 +45,7 @@ __all__ = [
     "MigrationFailed",
     "MigrationReport",
     "NotMigrated",
+    "OutOfOrder",
     "Settings",
     "Status",
     "UnsupportedServer",

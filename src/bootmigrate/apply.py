@@ -27,6 +27,7 @@ from .drivers import TRANSIENT_TRANSACTION_ERROR, CommitOutcomeUnknown, transact
 from .errors import DatabaseUnavailable, LockLost, MigrationFailed
 from .events import StepFields
 from .history import Entry, Outcome, error_fields
+from .ledger import Ledger
 from .lock import HeldLock
 from .logs import MigrationLogger
 from .plan import Plan, Step
@@ -115,9 +116,16 @@ class Applier:
         owner: Owner,
         migration_timeout: float | None,
         shutdown_grace: float = 0.0,
+        *,
+        ledger: Ledger | None = None,
+        presumed: Entry | None = None,
     ) -> None:
         self.db = db
         self.held = held
+        # The ledger as it stands before the next step: each step's version write carries
+        # it with that step counted (see ``ledger.py``).
+        self.ledger = ledger
+        self.presumed = presumed
         self.owner = owner
         self.migration_timeout = migration_timeout
         self.events = held.events
@@ -201,7 +209,10 @@ class Applier:
                 if index == 0:  # each later step is named by the version write before it
                     if stop.is_set():
                         raise _Stopped
-                    await self.held.start(step.running(), step.unfinished())
+                    if self.presumed is not None:
+                        # Before the ledger that counts them.
+                        await self.held.record(self.presumed)
+                    await self.held.start(step.running(), step.unfinished(), applied=self.ledger)
                 if stop.is_set():  # asked while it was being named: it never ran
                     await self.held.release("cancelled", unname=not self._resumes(step))
                     raise _Stopped
@@ -290,17 +301,31 @@ class Applier:
             self.held.check_in_touch("before recording a migration applied")
             await self.held.record(self._applied_entry(run))
             self._applied(step, duration)
-            await self.held.advance(step.version_after, then=following)
+            await self.held.advance(step.version_after, then=following, applied=self._counted(step))
+        self.ledger = self._counted(step)
         state.done(step)
+
+    def _counted(self, step: Step) -> Ledger | None:
+        """The ledger with ``step`` counted (``None`` while none is kept)."""
+        if self.ledger is None:
+            return None
+        return self.ledger.after_move(step.migration.version, step.direction, step.version_after)
 
     def _applied_entry(self, run: StepRun) -> Entry:
         """The history record of ``run`` applied, naming this acquisition: what a taker looks
         for to tell that the step finished."""
+        step = run.step
+        out_of_order = step.direction == "up" and step.version_before == step.version_after
         return run.entry(
             "applied",
             self.held.token,
             acquisition=self.held.acquisition,
-            checksum=run.step.checksum,
+            checksum=step.checksum,
+            note=(
+                f"out of order: the database was at version {step.version_after}"
+                if out_of_order
+                else None
+            ),
         )
 
     def _applied(self, step: Step, duration: float) -> None:
@@ -379,7 +404,9 @@ class Applier:
         ):
             await self._call(step, session, limit=self.owner.lease / 2)
             await self.held.record(self._applied_entry(run), session)
-            await self.held.advance(step.version_after, session, then=run.following)
+            await self.held.advance(
+                step.version_after, session, then=run.following, applied=self._counted(step)
+            )
 
     async def _call(self, step: Step, session: Any = None, limit: float | None = None) -> None:
         timeout = step.migration.timeout or self.migration_timeout

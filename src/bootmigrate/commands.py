@@ -309,9 +309,11 @@ async def set_version(
     detect_driver(db)
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise InvalidTarget(f"version must be a non-negative integer, got {version!r}")
+    files = None
     if migrations is not None:
         resolve_target(version, load_migrations(migrations))
-    done = await _lock(db, settings or Settings()).set_version(version, force=force)
+        files = catalog(migrations).versions
+    done = await _lock(db, settings or Settings()).set_version(version, force=force, files=files)
     return done.before
 
 

@@ -12,6 +12,8 @@ it, plus fields of our own while a lock is held:
   that beat in the meantime keeps its lock.
 - ``owner`` (host, pid, build, lease, id), ``locked_at``: who holds it, since when.
 - ``running``: the migration in progress; ``failure``: why the lock is stuck.
+- ``applied``: the ledger of applied or skipped versions (``ledger.py``), written with
+  ``version`` so that the two always agree.
 - ``unfinished``: the step (migration, direction, versions) that started and has not
   completed. Written with ``running``, removed only when that step completes or an operator
   records the version by hand; so it outlives a failure, a kill, a release and an unlock,
@@ -33,6 +35,7 @@ from typing import Any
 
 from .drivers import as_naive_utc
 from .errors import InvalidControlDocument
+from .ledger import LEDGER_FIELDS, Ledger, read_ledger
 
 CONTROL_ID = "control"
 HELD_FIELDS = ("owner", "locked_at", "heartbeat", "beats", "running", "failure", "acquisition")
@@ -86,6 +89,7 @@ class Control:
     failure: dict[str, Any] | None = None
     acquisition: str | None = None
     unfinished: dict[str, Any] | None = None
+    ledger: Ledger | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -117,7 +121,19 @@ class Control:
             return self
         version = int(step["to_version"])
         raw = {k: v for k, v in self.raw.items() if k not in ("running", "unfinished")}
-        return replace(self, version=version, running=None, unfinished=None, raw=raw)
+        ledger = self.ledger_after(step)
+        if ledger is not None:
+            raw["applied"] = ledger.as_document()
+        return replace(self, version=version, running=None, unfinished=None, ledger=ledger, raw=raw)
+
+    def ledger_after(self, step: dict[str, Any]) -> Ledger | None:
+        """The ledger once ``step`` (as ``unfinished`` names it) has finished; ``None`` for a
+        document that keeps none."""
+        if self.ledger is None:
+            return None
+        return self.ledger.after_move(
+            int(step["version"]), step.get("direction"), int(step["to_version"])
+        )
 
     @property
     def recorded_lease(self) -> float | None:
@@ -179,7 +195,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
             )
         dates[name] = as_naive_utc(value) if value is not None else None
     subdocs = {}
-    for name in ("owner", "running", "failure", "unfinished"):
+    for name in ("owner", "running", "failure", "unfinished", "applied"):
         value = doc.get(name)
         if value is not None and not isinstance(value, dict):
             raise bad(
@@ -209,6 +225,7 @@ def parse_control(doc: dict[str, Any] | None, collection_name: str) -> Control:
         failure=subdocs["failure"],
         acquisition=acquisition,
         unfinished=subdocs["unfinished"],
+        ledger=read_ledger(subdocs["applied"]),
         raw=dict(doc),
     )
 
@@ -247,6 +264,18 @@ def _check_subdocuments(
             f'by hand: db.{collection_name}.updateOne({{_id: "control"}}, '
             "{$set: {locked: false}, $unset: {failure: 1}}).",
         )
+    applied = subdocs["applied"]
+    if applied is not None:
+        wrong = [name for name in LEDGER_FIELDS if not _integer(applied.get(name))]
+        if wrong:
+            raise bad(
+                f"`applied` (the ledger of applied migrations) must hold the integers "
+                f"{', '.join(LEDGER_FIELDS)}; {', '.join(wrong)} "
+                f"{'is' if len(wrong) == 1 else 'are'} not",
+                f'Remove it: db.{collection_name}.updateOne({{_id: "control"}}, '
+                "{$unset: {applied: 1}}); the next run that migrates rebuilds it from the "
+                "history, and `bootmigrate repair` does so at once.",
+            )
 
 
 def _integer(value: Any) -> bool:

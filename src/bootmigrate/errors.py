@@ -357,6 +357,33 @@ class InvalidMigrations(MigrationError):
     """The migration set is malformed: nothing was written to the database."""
 
 
+class OutOfOrder(InvalidMigrations):
+    """Known migrations below the database's version were never applied nor skipped (merged
+    after a higher one ran): refused unless run out of order on purpose. Nothing was
+    written."""
+
+    def __init__(self, *, missing: dict[int, str], db_version: int) -> None:
+        self._fields = _fields(locals())
+        self.missing = dict(missing)
+        self.db_version = db_version
+        self.reason = "out_of_order"
+        first = min(missing)
+        named = ", ".join(f"{v} ({where})" for v, where in sorted(missing.items()))
+        many = len(missing) > 1
+        numbers = " ".join(str(v) for v in sorted(missing))
+        super().__init__(
+            f"migration{'s' if many else ''} {named} {'are' if many else 'is'} below the "
+            f"database's version {db_version} but {'were' if many else 'was'} never applied "
+            "nor skipped: merged after a higher one had run? Planning from the version would "
+            f"skip {'them' if many else 'it'} for ever, so nothing was run or written. Either "
+            f"renumber {'them' if many else 'it'} above {db_version} (rename the file, e.g. "
+            f"version {first} to {db_version + 1}), to run next; or run "
+            f"{'them' if many else 'it'} once now, out of order: `bootmigrate up "
+            "--out-of-order` (migrate(..., allow_out_of_order=True)); or, if the change is "
+            f"already in the database, record it as skipped: `bootmigrate skip {numbers}`."
+        )
+
+
 class InvalidControlDocument(MigrationError):
     """The control document has a shape bootmigrate will not guess about."""
 

@@ -45,6 +45,7 @@ EventName = Literal[
     "wait_done",
     "rerun_already_done",
     "rerun_left_to_migrator",
+    "out_of_order",
     # the lock
     "server_detected",
     "server_warning",

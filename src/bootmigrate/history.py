@@ -4,6 +4,7 @@ the control document."""
 from __future__ import annotations
 
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -57,6 +58,10 @@ class Entry:
     error: BaseException | None = None
     note: str | None = None
     checksum: str | None = None
+    #: The versions a ``skipped`` record skips (set-version, a fresh database, a baseline).
+    versions: tuple[int, ...] = ()
+    #: Where a set-version moved the database from.
+    from_version: int | None = None
 
     @classmethod
     def manual(
@@ -64,6 +69,16 @@ class Entry:
     ) -> Entry:
         """The record of an action taken on the lock rather than a migration run."""
         return cls(version, name, "manual", action=action, token=token, note=note)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the history says of some versions: those applied or skipped and not reverted
+    since (``done``), and the lowest of them with a record of an ``up`` run (``first_run``),
+    where records that bootmigrate ran them begin."""
+
+    done: frozenset[int]
+    first_run: int | None
 
 
 class History:
@@ -118,7 +133,76 @@ class History:
             doc["action"] = entry.action
         if entry.note:
             doc["note"] = entry.note
+        if entry.versions:
+            doc["versions"] = list(entry.versions)
+        if entry.from_version is not None:
+            doc["from_version"] = entry.from_version
         return doc
+
+    async def in_effect(self, versions: Sequence[int]) -> Recorded:
+        """Which of ``versions`` the history shows applied or skipped and not reverted since
+        (the latest record of each decides): what the control document's ledger summarises."""
+        if not versions:
+            return Recorded(frozenset(), None)
+        wanted = list(versions)
+        records = await self._coll.find(
+            {
+                "$and": [
+                    {
+                        "$or": [
+                            {"version": {"$in": wanted}},
+                            {"versions": {"$in": wanted}},
+                            {"action": "set-version"},
+                        ]
+                    },
+                    # A set-version record written before skips were listed names its version.
+                    {
+                        "$or": [
+                            {"outcome": {"$in": ["applied", "skipped"]}},
+                            {"action": "set-version"},
+                        ]
+                    },
+                ]
+            },
+            {"version": 1, "versions": 1, "direction": 1, "outcome": 1, "from_version": 1},
+            sort=[("finished_at", 1), ("_id", 1)],
+        ).to_list(None)
+        state: dict[int, bool] = {}
+        among = set(wanted)
+        first: int | None = None
+        for record in records:
+            for version, done in _effect(record, among):
+                state[version] = done
+            if (record.get("outcome"), record.get("direction")) == ("applied", "up"):
+                version = record.get("version")
+                if isinstance(version, int) and (first is None or version < first):
+                    first = version
+        return Recorded(frozenset(v for v in wanted if state.get(v)), first)
+
+    async def skipped(self, versions: Sequence[int]) -> set[int]:
+        """Which of ``versions`` were last recorded as skipped by an operator or a fresh
+        database (never run, so running their ``down`` undoes what was never done); a
+        baseline's versions, presumed applied before the history began, are not."""
+        if not versions:
+            return set()
+        wanted = list(versions)
+        records = await self._coll.find(
+            {
+                "$or": [{"version": {"$in": wanted}}, {"versions": {"$in": wanted}}],
+                "outcome": {"$in": ["applied", "skipped"]},
+            },
+            {"version": 1, "versions": 1, "outcome": 1, "action": 1},
+            sort=[("finished_at", 1), ("_id", 1)],
+        ).to_list(None)
+        last: dict[int, bool] = {}
+        for record in records:
+            listed = record.get("versions")
+            if record.get("outcome") == "skipped" and isinstance(listed, list):
+                skip = record.get("action") != "baseline"
+                last.update((v, skip) for v in listed if isinstance(v, int))
+            elif isinstance(record.get("version"), int):
+                last[record["version"]] = record.get("outcome") == "skipped"
+        return {v for v in wanted if last.get(v)}
 
     async def applied_by(self, running: dict[str, Any], token: int, acquisition: str) -> bool:
         """Whether the acquisition ``token``/``acquisition`` recorded the step ``running`` (as
@@ -154,3 +238,24 @@ async def create_collection(coll: Any) -> None:
     except OperationFailure as exc:
         if exc.code != NAMESPACE_EXISTS:
             raise
+
+
+def _effect(record: dict[str, Any], wanted: set[int]) -> list[tuple[int, bool]]:
+    """What one history record says of the versions in ``wanted``: applied or skipped (True),
+    reverted (False). A set-version record covers the versions it moved past: skipped going
+    up, no longer applied going down."""
+    version = record.get("version")
+    start = record.get("from_version")
+    if (
+        record.get("action") == "set-version"
+        and isinstance(start, int)
+        and isinstance(version, int)
+    ):
+        low, high = sorted((start, version))
+        return [(v, version > start) for v in wanted if low < v <= high]
+    listed = record.get("versions")
+    if record.get("outcome") == "skipped" and isinstance(listed, list):
+        return [(v, True) for v in listed if isinstance(v, int)]
+    if isinstance(version, int) and version in wanted:
+        return [(version, record.get("direction") != "down")]
+    return []

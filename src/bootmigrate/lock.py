@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -48,6 +48,7 @@ from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .events import Emitter
 from .history import Entry, History
+from .ledger import Ledger, survey
 from .migrations import Migration
 from .plan import Plan, Step
 from .waiting import Deadline, WaitPolicy
@@ -169,8 +170,15 @@ class ControlLock:
             if not seen.exists:
                 held = await self._create(version=0, owner=self.owner)
             else:
+                # The ledger too: an out-of-order migration moves it, not the version, and
+                # must not run twice.
                 held = await self._swap(
-                    {"_id": CONTROL_ID, "locked": False, "version": seen.version},
+                    {
+                        "_id": CONTROL_ID,
+                        "locked": False,
+                        "version": seen.version,
+                        "applied": seen.raw.get("applied"),
+                    },
                     {"$unset": {"failure": "", "running": ""}},
                 )
         return HeldLock(self, held) if held is not None else None
@@ -256,7 +264,7 @@ class ControlLock:
         taken = _taken_by(self.owner)
         update = {
             **taken,
-            "$set": {**taken["$set"], "version": reached},
+            "$set": {**taken["$set"], "version": reached, **_ledger_after(seen, unfinished)},
             "$unset": {"running": "", "unfinished": ""},
         }
         # Also as seen in version and step: an operator's set-version meanwhile (which moves
@@ -266,6 +274,7 @@ class ControlLock:
             "version": seen.version,
             "running": seen.raw.get("running"),
             "unfinished": seen.raw.get("unfinished"),
+            "applied": seen.raw.get("applied"),
         }
         with anyio.CancelScope(shield=True), deadline.bound():
             held = await self._modify(unchanged, update)
@@ -315,13 +324,16 @@ class ControlLock:
                 await self.history.record(entry)
         return HeldLock(self, held) if held is not None else None
 
-    async def skip_fresh(self, version: int, deadline: Deadline) -> bool:
+    async def skip_fresh(self, version: int, skipped: Sequence[int], deadline: Deadline) -> bool:
         """Record a database with no control document as being at ``version`` without running
-        anything (Rocket.Chat's way); ``False`` if another process created the document first."""
+        anything (Rocket.Chat's way), ``skipped`` listed as skipped in history and in the
+        ledger; ``False`` if another process created the document first."""
+        ledger = Ledger.of(skipped, since=0, upto=version)
         with anyio.CancelScope(shield=True), deadline.bound():
-            if await self._create(version=version, owner=None) is None:
-                return False
-            await self.history.record(
+            # The record goes first, so that the ledger never counts a skip the history
+            # lacks; under one fixed id, so that replicas racing to create the document
+            # leave one record between them.
+            record = self.history.document(
                 Entry(
                     version=version,
                     name="",
@@ -329,8 +341,12 @@ class ControlLock:
                     direction="up",
                     note="fresh database: recorded as up to date without running migrations "
                     "(fresh='skip')",
+                    versions=tuple(skipped),
                 )
             )
+            await self.history.insert({**record, "_id": FRESH_SKIP_ID})
+            if await self._create(version=version, owner=None, applied=ledger) is None:
+                return False
         return True
 
     # -- what operators do -------------------------------------------------------------------
@@ -369,7 +385,10 @@ class ControlLock:
         reached: int | None = None
         if finished and unfinished is not None:
             reached = int(unfinished["to_version"])
-            update = {**_RELEASED_UNNAMED, "$set": {"locked": False, "version": reached}}
+            update = {
+                **_RELEASED_UNNAMED,
+                "$set": {"locked": False, "version": reached, **_ledger_after(seen, unfinished)},
+            }
             note += (
                 f"; migration {unfinished.get('version')} had finished (its history record "
                 f"says applied), so version {reached} was recorded"
@@ -392,29 +411,59 @@ class ControlLock:
         )
         return OperatorChange(True, seen, lease, reached)
 
-    async def set_version(self, version: int, *, force: bool) -> OperatorChange:
+    async def set_version(
+        self, version: int, *, force: bool, files: Sequence[int] | None = None
+    ) -> OperatorChange:
         """Record the database as being at ``version`` (a skip) without touching the lock,
-        refused while a live holder runs unless ``force``. Recorded in history."""
+        refused while a live holder runs unless ``force``. Recorded in history, with each of
+        this build's ``files`` it moves past going up listed as skipped; the ledger is
+        rebuilt from the history (or, without ``files``, dropped, for the next run that
+        migrates to rebuild)."""
         seen = await self.read()
         lease = await self.lease_of(seen)
         await self._refuse_live(seen, lease, "set the version", force)
+        skipped = [v for v in files or () if seen.version < v <= version]
+        note = f"version set by an operator from {seen.version} to {version}"
+        # The record first: the ledger written next counts the skips it lists.
+        await self.history.record(
+            Entry(
+                version,
+                "",
+                "skipped" if version > seen.version else "manual",
+                action="set-version",
+                note=note,
+                versions=tuple(skipped),
+                from_version=seen.version,
+            )
+        )
+        ledger = None
+        if files is not None:
+            recorded = await self.history.in_effect([v for v in files if v <= version])
+            ledger = survey(files, version, seen.ledger, recorded.done, recorded.first_run).ledger
         if not seen.exists:
-            changed = await self._create(version=version, owner=None) is not None
+            changed = await self._create(version=version, owner=None, applied=ledger) is not None
         else:
-            update: dict[str, Any] = {"version": version}
+            update: dict[str, Any] = {"$set": {"version": version}}
+            if ledger is not None:
+                update["$set"]["applied"] = ledger.as_document()
+            else:
+                update["$unset"] = {"applied": ""}
             if seen.unfinished_step is not None or seen.unfinished is not None:
                 # The operator says where the database is: no step is left to finish. Null,
                 # not removed, so that a `running` or `failure` left behind is not read instead.
-                update["unfinished"] = None
-            result = await self.collection.update_one(_unchanged(seen), {"$set": update})
+                update["$set"]["unfinished"] = None
+            result = await self.collection.update_one(_unchanged(seen), update)
             changed = bool(result.matched_count)
         if not changed:
             raise ControlLocked(
                 "changed", seen, collection=self.collection_name, action="set the version"
             )
-        note = f"version set by an operator from {seen.version} to {version}"
-        await self.history.record(Entry.manual("set-version", version, note))
         return OperatorChange(True, seen, lease)
+
+    async def record_ledger(self, seen: Control, ledger: Ledger) -> bool:
+        """Write ``ledger`` on the control document, if it is still as ``seen``."""
+        update = {"$set": {"applied": ledger.as_document()}}
+        return bool((await self.collection.update_one(_unchanged(seen), update)).matched_count)
 
     async def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:
         """Refuse to change a live holder's lock unless ``force``. A heartbeat the server's
@@ -464,13 +513,16 @@ class ControlLock:
 
     # -- the writes behind them ----------------------------------------------------------------
 
-    async def _create(self, *, version: int, owner: Owner | None) -> Control | None:
+    async def _create(
+        self, *, version: int, owner: Owner | None, applied: Ledger | None = None
+    ) -> Control | None:
         """Create the missing document, locked by ``owner`` if given; ``None`` if another
         process created it first. The filter cannot match an existing control document
         (every one has a ``version``), so the upsert inserts or fails with a duplicate key."""
-        return await self._modify(
-            {"_id": CONTROL_ID, "version": {"$exists": False}}, _created(version, owner), True
-        )
+        update = _created(version, owner)
+        if applied is not None:
+            update["$set"]["applied"] = applied.as_document()
+        return await self._modify({"_id": CONTROL_ID, "version": {"$exists": False}}, update, True)
 
     async def _swap(self, condition: dict[str, Any], extra: dict[str, Any]) -> Control | None:
         """Make this process the holder if ``condition`` still holds; ``None`` if not."""
@@ -569,16 +621,22 @@ class HeldLock:
         return self._lock.collection_name
 
     async def start(
-        self, running: dict[str, Any], unfinished: dict[str, Any] | None = None
+        self,
+        running: dict[str, Any],
+        unfinished: dict[str, Any] | None = None,
+        *,
+        applied: Ledger | None = None,
     ) -> None:
         """Name the migration about to run. Its own write, so that a taker can tell a holder
         that died inside a migration from one that died between two. ``unfinished`` (default:
-        ``running``) names it until it completes, whatever happens to the lock meanwhile."""
+        ``running``) names it until it completes, whatever happens to the lock meanwhile.
+        ``applied``: the ledger as it stands before the run, if it is to be brought up to
+        date (see ``ledger.py``)."""
         # `unfinished` outlives `running`: only this step's completion (advance) removes it.
-        update = {
-            "$set": {"running": running, "unfinished": unfinished or running},
-            **_BEAT,
-        }
+        named = {"running": running, "unfinished": unfinished or running}
+        if applied is not None:
+            named["applied"] = applied.as_document()
+        update = {"$set": named, **_BEAT}
         await self.write(lambda: self._fenced(update, returning=False))
 
     async def progress(self, done: int, total: int) -> None:
@@ -592,19 +650,31 @@ class HeldLock:
         with anyio.fail_after(self._lock.owner.lease):
             await self._fenced(update)
 
-    async def advance(self, version: int, session: Any = None, *, then: Step | None = None) -> None:
+    async def advance(
+        self,
+        version: int,
+        session: Any = None,
+        *,
+        then: Step | None = None,
+        applied: Ledger | None = None,
+    ) -> None:
         """Record a finished migration: the version reached and, in the same write, the step
         that runs next (``then``, named as :meth:`start` names it) or none. Naming the next
         step here is what keeps a migration at two commands (its history record and this
         write): from the moment a step's version is recorded, the document names either the
         step about to run or no step at all. Given a session, the write joins its transaction
-        (and fences it: a stale holder's transaction matches nothing, and aborts)."""
+        (and fences it: a stale holder's transaction matches nothing, and aborts). ``applied``:
+        the ledger with the finished migration counted, kept in the same write as the version
+        so that the two always agree."""
         update: dict[str, Any]
+        reached: dict[str, Any] = {"version": version}
+        if applied is not None:
+            reached["applied"] = applied.as_document()
         if then is None:
-            update = {"$set": {"version": version}, "$unset": {"running": "", "unfinished": ""}}
+            update = {"$set": reached, "$unset": {"running": "", "unfinished": ""}}
         else:
             named = {"running": then.running(), "unfinished": then.unfinished()}
-            update = {"$set": {"version": version, **named}}
+            update = {"$set": {**reached, **named}}
         update.update(_BEAT)
         await self._bookkeeping(lambda: self._fenced(update, session, returning=False), session)
 
@@ -931,6 +1001,9 @@ _RELEASE_LINES: dict[ReleaseReason, tuple[str, int]] = {
     ),
 }
 
+# The history record of a fresh database's skip: one, however many replicas race to make it.
+FRESH_SKIP_ID = "fresh-skip"
+
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
 # `unfinished` stays too: a step that did not complete is still unfinished after a release.
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
@@ -941,6 +1014,13 @@ _RELEASED_UNNAMED = {
 
 # What every write that proves the holder alive adds: waiters judge liveness by `beats` alone.
 _BEAT: dict[str, Any] = {"$inc": {"beats": 1}, "$currentDate": {"heartbeat": True}}
+
+
+def _ledger_after(seen: Control, step: dict[str, Any]) -> dict[str, Any]:
+    """The ``$set`` of the ledger once the step ``step`` of ``seen`` has finished (nothing for
+    a document that keeps no ledger)."""
+    ledger = seen.ledger_after(step)
+    return {} if ledger is None else {"applied": ledger.as_document()}
 
 
 def _fence(token: int, acquisition: str | None) -> dict[str, Any]:
@@ -1012,4 +1092,5 @@ def _unchanged(seen: Control) -> dict[str, Any]:
         "acquisition": seen.raw.get("acquisition"),
         "running": seen.raw.get("running"),
         "failure": seen.raw.get("failure"),
+        "applied": seen.raw.get("applied"),
     }

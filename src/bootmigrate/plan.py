@@ -7,7 +7,7 @@ migration module; :meth:`Route.plan` imports the modules of the steps that will 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from .control import Control
@@ -125,6 +125,14 @@ class Route:
     to_version: int
     moves: tuple[Move, ...]
     ahead: bool = False
+
+    def with_missing(self, missing: Sequence[int]) -> Route:
+        """This route with the ``missing`` migrations (below the database's version, never
+        applied) run first, out of order: each an ``up`` that leaves the version as it is."""
+        if not missing:
+            return self
+        first = tuple(Move(v, "up", self.from_version, self.from_version) for v in missing)
+        return replace(self, moves=first + self.moves)
 
     def plan(self, known: Known) -> Plan:
         """The plan that runs this route: imports the modules of its steps only (through

@@ -33,9 +33,12 @@ from .errors import (
     InvalidTarget,
     MigrationFailed,
     NotMigrated,
+    OutOfOrder,
     ahead_text,
 )
 from .events import Emitter, Hook
+from .history import Entry
+from .ledger import Ledger, Survey, survey
 from .lock import ControlLock, HeldLock, LockBusy
 from .migrations import Catalog, Migration, MigrationSource, catalog, floor_in_force
 from .plan import Plan, Route, Target, resolve_target, route_for
@@ -67,6 +70,7 @@ async def migrate(
     shutdown_grace: float = 20.0,
     apply: bool = True,
     on_event: Hook | Sequence[Hook] | None = None,
+    allow_out_of_order: bool = False,
 ) -> MigrationReport:
     """Bring the database to ``target``, with exactly one replica applying migrations.
 
@@ -96,9 +100,12 @@ async def migrate(
     first refuses (``InvalidMigrations``, nothing written) if an applied migration's code
     changed or disappeared since it ran. ``retry_failed_on_new_build=True`` lets a build
     other than the one a migration failed on take the stuck lock and retry it (never an
-    interrupted one, never a live lock). ``shutdown_grace``: once the call is cancelled (a
-    SIGTERM), how long a migration already running may go on to finish before it is cancelled
-    and recorded; waiting, and the time between two migrations, end at once.
+    interrupted one, never a live lock). ``allow_out_of_order=True`` runs a known migration
+    below the database's version that was never applied nor skipped (merged after a higher
+    one ran) once, first; without it such a migration is refused
+    (:class:`~bootmigrate.OutOfOrder`, nothing written). ``shutdown_grace``: once the call is
+    cancelled (a SIGTERM), how long a migration already running may go on to finish before it
+    is cancelled and recorded; waiting, and the time between two migrations, end at once.
     ``apply=False``: wait only (never take the lock, never write) until another process
     brought the database to ``target``; a stuck lock fails fast, and if nothing migrated it
     within ``wait_timeout`` the call raises :class:`~bootmigrate.NotMigrated`. ``on_event``:
@@ -130,6 +137,7 @@ async def migrate(
         shutdown_grace=shutdown_grace,
         apply=apply,
         on_event=on_event,
+        allow_out_of_order=allow_out_of_order,
     )
     return await migrate_with(db, migrations, settings)
 
@@ -359,6 +367,10 @@ class _Held:
 
     lock: HeldLock
     plan: Plan
+    #: The ledger as it stands before the plan runs, and the record of versions taken as
+    #: done to write first (see ``ledger.py``).
+    ledger: Ledger
+    presumed: Entry | None = None
 
 
 class Runner:
@@ -391,6 +403,7 @@ class Runner:
         self._tried: Control | None = None  # the document of the last write that missed
         self._unmatched: _Unmatched | None = None
         self._taken: HeldLock | None = None  # taken, and not yet handed to the apply loop
+        self._surveys: dict[tuple[int, Ledger | None], Survey] = {}
         self.events = lock.events
 
     async def run(self, deadline: Deadline | None = None) -> MigrationReport:
@@ -424,6 +437,8 @@ class Runner:
             self.lock.owner,
             self.settings.migration_timeout,
             self.settings.shutdown_grace,
+            ledger=settled.ledger,
+            presumed=settled.presumed,
         )
         try:
             return await applier.apply(settled.plan, self._waited())
@@ -463,6 +478,7 @@ class Runner:
         self._check_writable(control)
         # Decided from the versions alone: nothing is imported unless a step is to run here.
         route = self._route(control)
+        route = await self._with_missing(control, route, deadline)
         if not route.moves:
             # A lock abandoned after its last migration is left alone here: telling a dead
             # holder from a live one takes watching it for a lease, which an up-to-date boot
@@ -478,7 +494,8 @@ class Runner:
             self._wait_only(control, route)
         if not control.exists and self.settings.fresh == "skip" and self.settings.rerun is None:
             with sorted_errors("create the control document (fresh='skip')"):
-                created = await self.lock.skip_fresh(route.to_version, deadline)
+                skipped = [v for v in self.known.versions if v <= route.to_version]
+                created = await self.lock.skip_fresh(route.to_version, skipped, deadline)
             if created:
                 self.events.emit(
                     "fresh_skipped",
@@ -500,7 +517,12 @@ class Runner:
                 held = await self._take(control, plan, deadline)
             if held is not None:
                 try:
-                    if held.control.version != control.version:
+                    with sorted_errors("read the history to bring the ledger up to date"):
+                        ledger, presumed = await self._ledger_to_keep(control, held, deadline)
+                    if (held.control.version, held.control.ledger) != (
+                        control.version,
+                        control.ledger,
+                    ):
                         # A takeover that recorded the version of a step its dead holder had
                         # finished: what is left to run is planned from there.
                         plan = self._plan(held.control)
@@ -516,7 +538,7 @@ class Runner:
                     await held.release("rerun_already_done")
                     return replace(done, holder=True)
                 self._taken = held
-                return _Held(held, self._plan(held.control))
+                return _Held(held, self._plan(held.control), ledger, presumed)
         self._tried = control
         raise _Missed(control)
 
@@ -634,7 +656,116 @@ class Runner:
         )
 
     def _plan(self, control: Control) -> Plan:
-        return self._route(control).plan(self.known)
+        route = self._route(control)
+        found = self._surveys.get((control.version, control.ledger))
+        if found is not None and self.settings.allow_out_of_order:
+            route = route.with_missing(found.missing)
+        return route.plan(self.known)
+
+    async def _with_missing(self, control: Control, route: Route, deadline: Deadline) -> Route:
+        """``route``, refused if known migrations below the database's version were never
+        applied nor skipped (:class:`OutOfOrder`), or with them run first if the call allows
+        it. Costs nothing while the ledger agrees with the file names; else the history is
+        read. A database with no ledger yet is checked by the first call that migrates (it
+        writes the ledger): an up-to-date boot does not pay a history read for it."""
+        if not control.exists or control.version > self.known.latest:
+            return route  # nothing applied yet, or an older build: nothing it could miss
+        ledger = control.ledger
+        if ledger is not None and ledger.agrees(self.known.versions, control.version):
+            return route
+        if ledger is None and not route.moves:
+            return route
+        with sorted_errors("read the history for migrations never applied"):
+            found = await self._survey(control, deadline)
+        if not found.missing:
+            return route
+        if not self.settings.allow_out_of_order:
+            raise OutOfOrder(
+                missing={v: self._where(v) for v in found.missing}, db_version=control.version
+            )
+        self.events.emit(
+            "out_of_order",
+            "migration(s) %s below the database's version %d were never applied: running "
+            "them first, out of order (allow_out_of_order)",
+            ", ".join(str(v) for v in found.missing),
+            control.version,
+            level=WARNING,
+            db_version=control.version,
+            applied=found.missing,
+        )
+        return route.with_missing(found.missing)
+
+    async def _survey(self, control: Control, deadline: Deadline) -> Survey:
+        """What the history says of this build's versions at or below ``control``'s; read
+        once per version and ledger seen."""
+        key = (control.version, control.ledger)
+        found = self._surveys.get(key)
+        if found is None:
+            wanted = [v for v in self.known.versions if v <= control.version]
+            with deadline.bound():
+                recorded = await self.lock.history.in_effect(wanted)
+            found = survey(
+                self.known.versions,
+                control.version,
+                control.ledger,
+                recorded.done,
+                recorded.first_run,
+            )
+            self._surveys[key] = found
+        return found
+
+    async def _ledger_to_keep(
+        self, looked: Control, held: HeldLock, deadline: Deadline
+    ) -> tuple[Ledger, Entry | None]:
+        """The ledger the lock ``held`` starts its run with, brought up to date from the
+        history if it is missing, disagrees with the file names or lags a version set by
+        hand; and the record of the versions that takes as done, if any."""
+        control = held.control
+        if not looked.exists:
+            return Ledger(since=0, upto=control.version), None
+        ledger = control.ledger
+        if (
+            ledger is not None
+            and ledger.upto == control.version
+            and ledger.agrees(self.known.versions, control.version)
+        ):
+            return ledger, None
+        found = await self._survey(control, deadline)
+        if found.missing and not self.settings.allow_out_of_order:
+            raise OutOfOrder(
+                missing={v: self._where(v) for v in found.missing}, db_version=control.version
+            )
+        if not found.presumed:
+            return found.ledger, None
+        if found.why == "baseline":
+            note = (
+                "the history has no record of these versions, older than the first one it "
+                "records: taken as applied before it was kept"
+            )
+        else:
+            note = (
+                f"version set by hand from {ledger.upto if ledger else '?'} to "
+                f"{control.version} (not through bootmigrate): the migrations in between "
+                "are taken as skipped"
+            )
+        entry = Entry(
+            control.version,
+            "",
+            "skipped",
+            direction="up",
+            action=found.why,
+            token=held.token,
+            note=note,
+            versions=found.presumed,
+        )
+        return found.ledger, entry
+
+    def _where(self, version: int) -> str:
+        """Where migration ``version`` comes from, for a message."""
+        try:
+            return self.known.origin(version)
+        except KeyError:
+            return "defined in code"
 
     def _nothing_to_do(self, control: Control, plan: Route) -> MigrationReport:
         if plan.ahead:

@@ -54,6 +54,8 @@ class Settings:
     it waits until another process (a Job, a release hook) brought the database to
     ``target``, and fails fast on a stuck lock.
     ``validate``: refuse to run if an applied migration's code changed.
+    ``allow_out_of_order``: run known migrations below the database's version that were never
+    applied (merged after a higher one ran) once, first, instead of refusing to boot.
     ``retry_failed_on_new_build``: a different build may retry a migration that failed.
     ``on_event``: a callable taking each :class:`~bootmigrate.events.Event` of the call, or a
     sequence of them (kept as a tuple); called synchronously, and one that raises is logged
@@ -79,6 +81,7 @@ class Settings:
     shutdown_grace: float = 20.0
     validate: bool = False
     retry_failed_on_new_build: bool = False
+    allow_out_of_order: bool = False
     apply: bool = True
     on_event: Hook | Sequence[Hook] | None = None
 
@@ -101,7 +104,7 @@ class Settings:
         _version("rerun", self.rerun, lowest=1, error=InvalidTarget)
         _text("build", self.build)
         _text("floor_release", self.floor_release)
-        for name in ("validate", "retry_failed_on_new_build", "apply"):
+        for name in ("validate", "retry_failed_on_new_build", "allow_out_of_order", "apply"):
             if not isinstance(getattr(self, name), bool):
                 # Not truthiness: validate="false" would otherwise mean True.
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -1,0 +1,181 @@
+"""Which migrations the database has applied or skipped, in four numbers on the control
+document, so that a boot can tell from the file names alone that none is missing.
+
+A migration merged late, numbered below the database's version, would otherwise never run:
+every boot plans from the version, which is already past it. History knows what ran, but
+reading it costs every boot a second round trip. The ledger (``applied`` on the control
+document) is a summary of it that the holder keeps in the writes it makes anyway:
+
+- ``since``: versions below it are presumed done (they predate the ledger, or this build no
+  longer ships them);
+- ``upto``: the version the ledger was last brought to; a ``version`` above it was set by hand
+  (Rocket.Chat's documented skip), and the versions in between are taken as skipped;
+- ``count`` and ``digest``: how many of the versions from ``since`` to ``upto`` are applied or
+  skipped, and the XOR of a 64-bit hash of each.
+
+A boot computes the same two numbers from its file names; equal, nothing is missing. Unequal,
+the history decides (:func:`survey`): the ledger is only ever a shortcut to it, so a stale one
+costs a read, never a wrong refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+
+def version_hash(version: int) -> int:
+    """A signed 64-bit hash of ``version`` (BSON has no unsigned integers)."""
+    raw = hashlib.blake2b(version.to_bytes(8, "big", signed=True), digest_size=8).digest()
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def digest_of(versions: Iterable[int]) -> int:
+    """The XOR of the hashes of ``versions``: order does not matter, and adding a version
+    twice removes it, so one operation both records and forgets."""
+    digest = 0
+    for version in versions:
+        digest ^= version_hash(version)
+    return digest
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """A reading of the control document's ``applied`` sub-document (see the module)."""
+
+    since: int
+    upto: int
+    count: int = 0
+    digest: int = 0
+
+    @classmethod
+    def of(cls, versions: Iterable[int], *, since: int, upto: int) -> Ledger:
+        """The ledger of exactly ``versions``, covering ``since`` to ``upto``."""
+        chosen = sorted(set(versions))
+        return cls(since, upto, len(chosen), digest_of(chosen))
+
+    def as_document(self) -> dict[str, Any]:
+        """How the control document stores it."""
+        return {
+            "since": self.since,
+            "upto": self.upto,
+            "count": self.count,
+            "digest": self.digest,
+        }
+
+    def tracked(self, files: Sequence[int], version: int) -> list[int]:
+        """The versions of ``files`` this ledger speaks for, the database being at
+        ``version``: from ``since`` to ``upto`` or ``version``, whichever is lower."""
+        top = min(version, self.upto)
+        return [v for v in files if self.since <= v <= top]
+
+    def set_by_hand(self, files: Sequence[int], version: int) -> list[int]:
+        """The versions of ``files`` between ``upto`` and ``version``: skipped by a hand edit
+        of ``version`` that bypassed bootmigrate (they are taken as done)."""
+        return [v for v in files if self.upto < v <= version]
+
+    def agrees(self, files: Sequence[int], version: int) -> bool:
+        """Whether every version of ``files`` this ledger speaks for is applied or skipped:
+        the check an up-to-date boot makes, with no I/O. ``False`` when the database was set
+        back by hand below ``upto``: the history then decides."""
+        if version < self.upto:
+            return False
+        tracked = self.tracked(files, version)
+        return len(tracked) == self.count and digest_of(tracked) == self.digest
+
+    def with_versions(
+        self, added: Iterable[int] = (), removed: Iterable[int] = (), *, upto: int | None = None
+    ) -> Ledger:
+        """This ledger with ``added`` recorded and ``removed`` forgotten (each assumed absent,
+        and present, before), brought to ``upto`` if given."""
+        plus, minus = list(added), list(removed)
+        return replace(
+            self,
+            upto=self.upto if upto is None else upto,
+            count=self.count + len(plus) - len(minus),
+            digest=self.digest ^ digest_of(plus) ^ digest_of(minus),
+        )
+
+    def after_move(self, version: int, direction: str | None, version_after: int) -> Ledger:
+        """This ledger once migration ``version`` ran in ``direction`` and left the database
+        at ``version_after``: an ``up`` records it (an out-of-order one leaves ``upto``
+        alone), a ``down`` forgets it, a ``rerun`` changes nothing."""
+        if direction == "down":
+            return self.with_versions(removed=[version], upto=version_after)
+        if direction == "rerun":
+            return self
+        return self.with_versions(added=[version], upto=max(self.upto, version_after))
+
+
+def read_ledger(raw: Any) -> Ledger | None:
+    """The ledger of a control document's ``applied`` field (already checked by
+    ``parse_control``); ``None`` if it has none."""
+    if not isinstance(raw, Mapping):
+        return None
+    return Ledger(int(raw["since"]), int(raw["upto"]), int(raw["count"]), int(raw["digest"]))
+
+
+LEDGER_FIELDS = ("since", "upto", "count", "digest")
+
+#: Why versions nobody ran are taken as done when the ledger is brought up to date: the
+#: version was set past them by hand, or they predate the history (a database that came from
+#: Rocket.Chat, or from a bootmigrate that kept no ledger).
+Presumed = Literal["set-by-hand", "baseline"]
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the history says of this build's migrations at or below the database's version.
+
+    ``missing``: known migrations never applied nor skipped (out of order, refused unless
+    allowed). ``presumed``: versions taken as done without a record, and why; the holder
+    records them, so the history agrees from then on. ``ledger``: what the control document's
+    ledger should say, the missing ones left out."""
+
+    version: int
+    missing: tuple[int, ...]
+    presumed: tuple[int, ...]
+    why: Presumed | None
+    ledger: Ledger
+
+
+def survey(
+    files: Sequence[int],
+    version: int,
+    ledger: Ledger | None,
+    recorded: Iterable[int],
+    first_run: int | None = None,
+) -> Survey:
+    """Compare ``files`` (this build's versions) with ``recorded`` (the versions the history
+    shows applied or skipped, and not reverted since), the database being at ``version``.
+
+    Without a ledger, ``first_run`` (the oldest version the history records an ``up`` run
+    of) marks where records begin: known versions below it are presumed done
+    (``baseline``), and so is everything at or below ``version`` when there is none. With a
+    ledger, versions set by hand past its ``upto`` are presumed done (``set-by-hand``).
+    Versions this build no longer ships are left out: its oldest file becomes the ledger's
+    ``since``."""
+    done = set(recorded)
+    below = [v for v in files if v <= version]
+    oldest = files[0] if files else version + 1
+    why: Presumed | None
+    if ledger is None:
+        starts = version + 1 if first_run is None else first_run
+        presumed = [v for v in below if v < starts and v not in done]
+        checked = [v for v in below if v >= starts]
+        since, why = oldest, "baseline"
+    else:
+        presumed = [v for v in ledger.set_by_hand(files, version) if v not in done]
+        checked = [v for v in below if v >= ledger.since and v <= ledger.upto]
+        since, why = max(ledger.since, oldest), "set-by-hand"
+    missing = [v for v in checked if v not in done]
+    kept = [v for v in below if v >= since and (v in done or v in presumed)]
+    return Survey(
+        version=version,
+        missing=tuple(missing),
+        presumed=tuple(presumed),
+        why=why if presumed else None,
+        ledger=Ledger.of(kept, since=since, upto=version),
+    )
