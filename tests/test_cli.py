@@ -498,3 +498,80 @@ def test_repair_accepts_a_changed_checksum_after_showing_it(cli: Cli) -> None:
     assert (record["version"], record["action"], record["outcome"]) == (2, "repair", "manual")
     assert "checksum accepted by an operator" in record["note"]
     assert cli.json("repair", "--yes")["accepted"] == []  # nothing left to accept
+
+
+def late_merge(cli: Cli) -> None:
+    """The database at 3 with 1 and 3 applied; then 2 arrives, below it."""
+    (cli.migrations / "0002_step_2.py").rename(cli.migrations.parent / "held_back.py")
+    assert cli("up", "--yes").returncode == 0
+    (cli.migrations.parent / "held_back.py").rename(cli.migrations / "0002_step_2.py")
+
+
+def test_status_and_validate_report_a_migration_merged_late_and_exit_6(cli: Cli) -> None:
+    late_merge(cli)
+
+    found = cli("status")
+    checked = cli("validate")
+    booted = cli("up", "--yes")
+
+    assert found.returncode == 6, found.stderr
+    assert "out of order  0002 step_2: below version 3, never applied nor skipped" in found.stdout
+    assert "bootmigrate skip 2" in found.stdout
+    assert checked.returncode == 6, checked.stderr
+    assert re.search(r"^2\s+step_2\s+out_of_order", checked.stdout, re.M), checked.stdout
+    assert "bootmigrate up --out-of-order" in checked.stdout
+    one_line_error(booted, "migration 2 (")
+    assert cli.json("status")["state"] == "out-of-order"
+
+
+def test_up_out_of_order_runs_it_once(cli: Cli) -> None:
+    late_merge(cli)
+
+    done = cli.json("up", "--out-of-order")
+
+    assert (done["applied"], done["to_version"]) == ([2], 3)
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 3]
+    assert cli("status").returncode == 0
+    assert cli.json("up")["applied"] == []
+
+
+def test_out_of_order_can_be_allowed_in_the_project_section(cli: Cli, tmp_path: Path) -> None:
+    late_merge(cli)
+    (tmp_path / "pyproject.toml").write_text("[tool.bootmigrate]\nallow-out-of-order = true\n")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bootmigrate", "up", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli.env,
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["applied"] == [2]
+
+
+def test_skip_records_a_late_migration_without_running_it(cli: Cli) -> None:
+    late_merge(cli)
+
+    done = cli.json("skip", "2", "--yes")
+
+    assert done == {"skipped": [2]}
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1, 3]
+    assert cli("status").returncode == 0
+    assert cli.json("up")["applied"] == []
+    one_line_error(cli("skip", "2", "--yes"), "cannot skip 2: already applied or skipped")
+    one_line_error(cli("skip", "9", "--yes"), "cannot skip 9: not a migration of this build")
+
+
+def test_down_over_a_skipped_migration_says_it_never_ran(cli: Cli) -> None:
+    cli("up", "--yes", "--to", "1")
+    assert cli("set-version", "2", "--yes").returncode == 0
+
+    done = cli("down", "--to", "1", "--yes")
+
+    assert done.returncode == 0, done.stderr
+    assert "warning: 2 never ran (recorded as skipped)" in done.stdout
+    asked = cli("down", "--to", "0")
+    assert "pass --yes" in asked.stderr

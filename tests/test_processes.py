@@ -107,3 +107,23 @@ def test_paused_holder_is_fenced_and_writes_nothing_when_resumed(
     assert sync_db.migrations_history.count_documents({"pid": holder.pid}) == 0
     assert sync_db.ran.count_documents({}) == ran_count
     assert (settled["locked"], settled["version"]) == (False, 2)
+
+
+def test_a_migration_merged_late_runs_once_however_many_replicas_allow_it(
+    sync_db: Any, mongo_uri: str, driver: str, tmp_path: Path
+) -> None:
+    migrations = recording_migrations(tmp_path / "m", 4, seconds=0.2)
+    (migrations / "0002_step_2.py").rename(tmp_path / "late.py")
+    replicas = Replicas(mongo_uri, sync_db, driver, migrations)
+    assert boot(replicas, wait_timeout=30)["applied"] == [1, 3, 4]
+    (tmp_path / "late.py").rename(migrations / "0002_step_2.py")
+
+    refused = boot(replicas, wait_timeout=30)
+    results = race(replicas, RACERS, wait_timeout=60, lease=5, allow_out_of_order=True)
+
+    assert refused["error"] == "OutOfOrder", refused
+    assert [r["exit_code"] for r in results] == [0] * RACERS, results
+    assert sorted(r["applied"] for r in results) == [[]] * (RACERS - 1) + [[2]]
+    assert Counter(d["version"] for d in sync_db.ran.find()) == {1: 1, 2: 1, 3: 1, 4: 1}
+    control = sync_db.migrations.find_one({"_id": "control"})
+    assert (control["locked"], control["version"], control["applied"]["count"]) == (False, 4, 4)

@@ -15,15 +15,22 @@ from .migrations import Migration
 
 @dataclass(frozen=True)
 class Drift:
-    """One applied migration whose code is not what ran."""
+    """One migration whose record and code disagree: applied with other code (``changed``),
+    applied and no longer shipped (``missing``), or shipped below the database's version and
+    never run (``out_of_order``)."""
 
     version: int
     name: str
-    problem: Literal["changed", "missing"]
+    problem: Literal["changed", "missing", "out_of_order"]
     recorded: str
     current: str | None
 
     def describe(self) -> str:
+        if self.problem == "out_of_order":
+            return (
+                f"migration {self.version} {self.name} is below the database's version but "
+                "was never applied nor skipped (out of order)"
+            )
         if self.problem == "missing":
             return f"migration {self.version} {self.name} was applied but is no longer shipped"
         return f"migration {self.version} {self.name} changed since it was applied"

@@ -50,6 +50,13 @@ DRIFT = 6
 SERVER_TIMEOUT = 10.0
 WAIT_TIMEOUT = 300.0
 
+# What to do about migrations below the database's version that never ran.
+OUT_OF_ORDER_FIX = (
+    "renumber each above the database's version (to run next); or run them once now: "
+    "bootmigrate up --out-of-order; or, if their change is already made: "
+    "bootmigrate skip {versions}"
+)
+
 STATE_EXIT = {
     "up-to-date": OK,
     "ahead": OK,
@@ -58,6 +65,7 @@ STATE_EXIT = {
     "stuck": STUCK,
     "unsupported": ERROR,
     "invalid": ERROR,
+    "out-of-order": DRIFT,
 }
 
 T = TypeVar("T")
@@ -429,13 +437,27 @@ def plan_command(session: Session, to: int | None) -> None:
     is_flag=True,
     help="Migrate even a database that does not exist yet (a first deploy).",
 )
+@click.option(
+    "--out-of-order",
+    "allow_out_of_order",
+    is_flag=True,
+    help="Run known migrations below the database's version that never ran (merged late), "
+    "once, first, instead of refusing.",
+)
 @common
 def up(
-    session: Session, to: int | None, wait_timeout: float, shutdown_grace: float, yes: bool
+    session: Session,
+    to: int | None,
+    wait_timeout: float,
+    shutdown_grace: float,
+    yes: bool,
+    allow_out_of_order: bool,
 ) -> None:
     """Apply pending migrations (up to --to N). SIGTERM stops it as it stops a booting
     replica: at once between migrations, after --shutdown-grace inside one. A database that
-    does not exist yet is migrated only with --yes (a mistyped --db would create one)."""
+    does not exist yet is migrated only with --yes (a mistyped --db would create one). A
+    migration below the database's version that never ran is refused, unless
+    --out-of-order."""
     if not yes and not session.run(commands.database_exists):
         raise Failure(
             f"{session.db_label} does not exist on this server (it has no collections): `up` "
@@ -453,6 +475,7 @@ def up(
         target="latest" if to is None else to,
         wait_timeout=wait_timeout,
         shutdown_grace=shutdown_grace,
+        allow_out_of_order=allow_out_of_order,
     )
 
 
@@ -533,9 +556,19 @@ def down(session: Session, to: int | None, steps: int | None, yes: bool) -> None
             ),
         )
         return
+    versions = [step.migration.version for step in found.steps]
+    never_ran = session.run(lambda db: commands.skipped(db, versions, session.settings))
     if not session.as_json:
         _print_plan(session, found)
-    session.confirm(f"Revert {len(found.steps)} migration(s), down to version {to}?", yes)
+        if never_ran:
+            session.console.print(
+                f"warning: {', '.join(map(str, never_ran))} never ran (recorded as skipped): "
+                "running their down undoes a change that was never made by them"
+            )
+    question = f"Revert {len(found.steps)} migration(s), down to version {to}?"
+    if never_ran:
+        question += f" ({', '.join(map(str, never_ran))} only skipped, never applied)"
+    session.confirm(question, yes)
     _migrate(session, target=to)
 
 
@@ -627,14 +660,38 @@ def set_version(session: Session, version: int, yes: bool, force: bool) -> None:
 
 
 @main.command()
+@click.argument("versions", type=int, nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@common
+def skip(session: Session, versions: tuple[int, ...], yes: bool) -> None:
+    """Record migrations below the database's version that never ran (out of order) as
+    skipped, without running them: their change is already there, or must never be made."""
+    names = ", ".join(map(str, sorted(set(versions))))
+    session.confirm(f"Record {names} as skipped, never to run?", yes)
+    done = session.run(
+        lambda db: commands.skip(db, session.migrations, list(versions), session.settings)
+    )
+    session.emit(
+        {"skipped": done},
+        lambda: session.console.print(
+            f"recorded {', '.join(map(str, done))} as skipped (in history); no boot refuses "
+            "them as out of order any more"
+        ),
+    )
+
+
+@main.command()
 @common
 def validate(session: Session) -> int:
-    """Applied migrations whose code changed or disappeared; runs nothing. Exit 6 if any."""
+    """Applied migrations whose code changed or disappeared, and migrations below the
+    database's version that never ran (out of order); runs nothing. Exit 6 if any."""
     drift = session.run(lambda db: commands.validate(db, session.migrations, session.settings))
 
     def human() -> None:
         if not drift:
-            session.console.print("every applied migration matches the code that ran")
+            session.console.print(
+                "every applied migration matches the code that ran, and none is out of order"
+            )
             return
         _print_drift(session, drift)
         if any(d.problem == "changed" for d in drift):
@@ -642,6 +699,9 @@ def validate(session: Session) -> int:
                 "a change that does not alter what the migration does (a comment, a reformat) "
                 "is accepted with `bootmigrate repair`"
             )
+        late = " ".join(str(d.version) for d in drift if d.problem == "out_of_order")
+        if late:
+            session.console.print(f"out of order: {OUT_OF_ORDER_FIX.format(versions=late)}")
 
     session.emit([vars(d) for d in drift], human)
     return DRIFT if drift else OK
@@ -890,7 +950,17 @@ def _print_status(session: Session, found: commands.Status) -> None:
                 "--db (or BOOTMIGRATE_DB, or the URI's); `up` asks before creating it",
             )
         )
-    if found.problem:
+    if found.out_of_order:
+        late = " ".join(str(m.version) for m in found.out_of_order)
+        rows.append(
+            (
+                "out of order",
+                ", ".join(m.label() for m in found.out_of_order)
+                + f": below version {found.version}, never applied nor skipped",
+            )
+        )
+        rows.append(("fix", OUT_OF_ORDER_FIX.format(versions=late)))
+    elif found.problem:
         rows.append(("problem", found.problem))
     if lock.locked:
         holder = lock.holder or {}

@@ -17,14 +17,17 @@ from .checksums import Drift, find_drift
 from .config import ConfigError
 from .control import Control, Owner, step_label
 from .drivers import detect_driver
-from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError
+from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError, OutOfOrder
 from .history import Entry
+from .ledger import Survey, survey
 from .lock import ControlLock, Lease, describe_lock
 from .migrations import Migration, MigrationSource, catalog, floor_in_force, load_migrations
 from .plan import Plan, Step, latest_version, plan_for, resolve_target
 from .settings import Settings
 
-State = Literal["up-to-date", "pending", "locked", "stuck", "ahead", "unsupported", "invalid"]
+State = Literal[
+    "up-to-date", "pending", "locked", "stuck", "ahead", "unsupported", "invalid", "out-of-order"
+]
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Status:
     # False when the database has no collection at all: often a mistyped name, where an
     # `up` would create a new database and run every migration there.
     database_exists: bool = True
+    # Known migrations below the database's version never applied nor skipped (refused by
+    # every boot that checks; see OutOfOrder).
+    out_of_order: tuple[Migration, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The ``status --json`` schema (see docs/operations.md)."""
@@ -100,6 +106,10 @@ class Status:
             "latest": self.latest,
             "state": self.state,
             "pending": [_step_json(step) for step in self.pending],
+            "out_of_order": [
+                {"version": m.version, "name": m.name, "description": m.description}
+                for m in self.out_of_order
+            ],
             "problem": self.problem,
             "lock": {
                 "locked": lock.locked,
@@ -196,11 +206,18 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
             )
     except MigrationError as exc:
         problem = str(exc)
+    missing = await _out_of_order(lock, planned, known)
+    if missing and problem is None:
+        problem = str(
+            OutOfOrder(missing={m.version: m.label() for m in missing}, db_version=planned.version)
+        )
     state: State
     if control.stuck or blocked:
         state = "stuck"
     elif control.locked:
         state = "locked"
+    elif missing:
+        state = "out-of-order"
     elif problem is not None:
         state = "unsupported"
     elif planned.version > latest:
@@ -220,7 +237,25 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
         problem,
         # Asked only without a control document, so an existing database pays nothing more.
         control.exists or await database_exists(db),
+        tuple(missing),
     )
+
+
+async def _out_of_order(
+    lock: ControlLock, control: Control, known: list[Migration]
+) -> list[Migration]:
+    """Known migrations below ``control``'s version with no history record of being applied
+    or skipped. Unlike a boot, always asks the history (the ledger may be missing or stale)."""
+    versions = [m.version for m in known]
+    if not control.exists or not versions or control.version > versions[-1]:
+        return []
+    found = await _survey(lock, control, versions)
+    return [m for m in known if m.version in found.missing]
+
+
+async def _survey(lock: ControlLock, control: Control, versions: list[int]) -> Survey:
+    recorded = await lock.history.in_effect([v for v in versions if v <= control.version])
+    return survey(versions, control.version, control.ledger, recorded.done, recorded.first_run)
 
 
 async def _status_without_migrations(
@@ -320,10 +355,13 @@ async def set_version(
 async def validate(
     db: Any, migrations: MigrationSource, settings: Settings | None = None
 ) -> list[Drift]:
-    """Read-only: applied migrations whose code changed or disappeared since they ran."""
+    """Read-only: applied migrations whose code changed or disappeared since they ran, and
+    known migrations below the database's version that never ran (``out_of_order``)."""
     known, lock = _prepare(db, migrations, settings or Settings())
     control = await lock.read()
-    return await find_drift(lock.history.collection, known, control.version)
+    drift = await find_drift(lock.history.collection, known, control.version)
+    missing = await _out_of_order(lock, control, known)
+    return drift + [Drift(m.version, m.name, "out_of_order", "", m.checksum) for m in missing]
 
 
 async def repair(
@@ -332,7 +370,11 @@ async def repair(
     """Accept the current code of applied migrations whose checksum changed (a comment, a
     reformat): one ``repair`` history record each, carrying the new checksum, which
     ``validate`` and ``migrate(validate=True)`` then compare with. Runs nothing; a migration
-    whose file is missing is left reported. Returns the migrations it accepted."""
+    whose file is missing is left reported. Returns the migrations it accepted.
+
+    Also brings the control document's ledger up to date with the history, when nothing is
+    out of order and no lock is held: a build that dropped old migration files then stops
+    paying a history read at each boot."""
     known, lock = _prepare(db, migrations, settings or Settings())
     control = await lock.read()
     changed = [
@@ -349,7 +391,56 @@ async def repair(
             drift.version, drift.name, "manual", action="repair", note=note, checksum=drift.current
         )
         await lock.history.record(entry)
+    versions = [m.version for m in known]
+    if control.exists and not control.locked and versions and control.version <= versions[-1]:
+        found = await _survey(lock, control, versions)
+        if not found.missing:
+            found = await lock.rebuilt_ledger(control, versions, control.version)
+            await lock.write_ledger(control, found)
     return changed
+
+
+async def skip(
+    db: Any, migrations: MigrationSource, versions: list[int], settings: Settings | None = None
+) -> list[int]:
+    """Record known migrations below the database's version that never ran as skipped: their
+    change is already in the database, or must never be made. No boot refuses them as out of
+    order from then on; running their ``down`` asks first. Returns the versions recorded."""
+    known, lock = _prepare(db, migrations, settings or Settings())
+    control = await lock.read()
+    files = [m.version for m in known]
+    wanted = sorted(set(versions))
+    unknown = [v for v in wanted if v not in files]
+    if unknown:
+        raise InvalidTarget(
+            f"cannot skip {', '.join(map(str, unknown))}: not a migration of this build "
+            f"(known: {files[0]}..{files[-1]})"
+            if files
+            else f"cannot skip {', '.join(map(str, unknown))}: this build has no migrations"
+        )
+    above = [v for v in wanted if v > control.version]
+    if above:
+        raise InvalidTarget(
+            f"cannot skip {', '.join(map(str, above))}: above the database's version "
+            f"{control.version}, so not due yet; `bootmigrate set-version N` skips migrations "
+            "ahead of the database"
+        )
+    done = (await lock.history.in_effect(wanted)).done
+    if done:
+        raise InvalidTarget(
+            f"cannot skip {', '.join(map(str, sorted(done)))}: already applied or skipped "
+            "(`bootmigrate history` shows when)"
+        )
+    await lock.skip(wanted, files)
+    return wanted
+
+
+async def skipped(db: Any, versions: list[int], settings: Settings | None = None) -> list[int]:
+    """Which of ``versions`` were last recorded as skipped (by ``set-version``, ``skip``, a
+    version set by hand or a fresh database) rather than run: their ``down`` would undo what
+    was never done."""
+    detect_driver(db)
+    return sorted(await _lock(db, settings or Settings()).history.skipped(versions))
 
 
 async def history(

@@ -23,7 +23,7 @@ else:  # pragma: no cover - the standard library has it from 3.11
 # Section keys (dashes or underscores), by the option of every command they set.
 SHARED = ("db", "migrations", "collection", "history_collection", "driver", "timeout")
 # Keys for `up` alone, and the one the library's Settings takes without a flag.
-UP_ONLY = ("wait_timeout", "shutdown_grace")
+UP_ONLY = ("wait_timeout", "shutdown_grace", "allow_out_of_order")
 SETTINGS_ONLY = ("lease",)
 KEYS = (*SHARED, *UP_ONLY, *SETTINGS_ONLY)
 # The ones that are `migrate()` options too (the rest are the CLI's: how to connect).
@@ -91,7 +91,8 @@ def read_config(path: Path) -> ProjectConfig:
 def pyproject_options(start: str | Path | None = None) -> dict[str, Any]:
     """The ``migrate()`` options that ``[tool.bootmigrate]`` sets, in the nearest
     pyproject.toml at or above ``start`` (default: the working directory): ``migrations``,
-    ``collection``, ``history_collection``, ``wait_timeout``, ``shutdown_grace``, ``lease``.
+    ``collection``, ``history_collection``, ``wait_timeout``, ``shutdown_grace``,
+    ``allow_out_of_order``, ``lease``.
     Empty without a section. The service's and the CLI's settings then live in one place:
 
     >>> await migrate(db, **pyproject_options())  # doctest: +SKIP

@@ -14,6 +14,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from .control import Owner, utc_now
 from .errors import ERROR_TEXT_CHARS, shorten
+from .ledger import Survey
 from .plan import Direction
 
 Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
@@ -79,6 +80,34 @@ class Recorded:
 
     done: frozenset[int]
     first_run: int | None
+
+
+def presumed_entry(found: Survey, upto: int | None, token: int | None = None) -> Entry | None:
+    """The history record of the versions ``found`` takes as done without a record (see
+    :func:`~bootmigrate.ledger.survey`), written before a ledger that counts them; ``upto``
+    is the ledger's before, for a version set by hand. ``None`` if there are none."""
+    if not found.presumed or found.why is None:
+        return None
+    if found.why == "baseline":
+        note = (
+            "the history has no record of these versions, older than the first one it records "
+            "running: taken as applied before it was kept"
+        )
+    else:
+        note = (
+            f"version set by hand from {upto} to {found.version} (not through bootmigrate): "
+            "the migrations in between are taken as skipped"
+        )
+    return Entry(
+        found.version,
+        "",
+        "skipped",
+        direction="up",
+        action=found.why,
+        token=token,
+        note=note,
+        versions=found.presumed,
+    )
 
 
 class History:

@@ -47,8 +47,8 @@ from .driver_errors import is_transient
 from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .events import Emitter
-from .history import Entry, History
-from .ledger import Ledger, survey
+from .history import Entry, History, presumed_entry
+from .ledger import Ledger, Survey, survey
 from .migrations import Migration
 from .plan import Plan, Step
 from .waiting import Deadline, WaitPolicy
@@ -438,8 +438,7 @@ class ControlLock:
         )
         ledger = None
         if files is not None:
-            recorded = await self.history.in_effect([v for v in files if v <= version])
-            ledger = survey(files, version, seen.ledger, recorded.done, recorded.first_run).ledger
+            ledger = (await self.rebuilt_ledger(seen, files, version)).ledger
         if not seen.exists:
             changed = await self._create(version=version, owner=None, applied=ledger) is not None
         else:
@@ -460,9 +459,38 @@ class ControlLock:
             )
         return OperatorChange(True, seen, lease)
 
-    async def record_ledger(self, seen: Control, ledger: Ledger) -> bool:
-        """Write ``ledger`` on the control document, if it is still as ``seen``."""
-        update = {"$set": {"applied": ledger.as_document()}}
+    async def skip(self, versions: Sequence[int], files: Sequence[int]) -> Survey:
+        """Record migrations below the database's version that never ran as skipped (their
+        change is already there, or must never be made), so that no boot refuses them as out
+        of order; refused while a live holder runs. Returns what the history says after."""
+        seen = await self.read()
+        await self._refuse_live(seen, await self.lease_of(seen), "record a skip", False)
+        note = f"recorded as skipped by an operator at version {seen.version}: never run"
+        await self.history.record(
+            Entry(seen.version, "", "skipped", action="skip", note=note, versions=tuple(versions))
+        )
+        found = await self.rebuilt_ledger(seen, files, seen.version)
+        await self.write_ledger(seen, found)
+        return found
+
+    async def rebuilt_ledger(self, seen: Control, files: Sequence[int], version: int) -> Survey:
+        """What the history says of ``files`` at ``version`` (the ledger to write, from
+        ``seen``'s), with the versions it takes as done recorded first, as the ledger counts
+        them."""
+        recorded = await self.history.in_effect([v for v in files if v <= version])
+        found = survey(files, version, seen.ledger, recorded.done, recorded.first_run)
+        upto = seen.ledger.upto if seen.ledger is not None else None
+        entry = presumed_entry(found, upto)
+        if entry is not None:
+            await self.history.record(entry)
+        return found
+
+    async def write_ledger(self, seen: Control, found: Survey) -> bool:
+        """Write the ledger of ``found`` on the control document, if it is still as ``seen``
+        and differs; whether it was written."""
+        if not seen.exists or seen.ledger == found.ledger:
+            return False
+        update = {"$set": {"applied": found.ledger.as_document()}}
         return bool((await self.collection.update_one(_unchanged(seen), update)).matched_count)
 
     async def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:

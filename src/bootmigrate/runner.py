@@ -37,7 +37,7 @@ from .errors import (
     ahead_text,
 )
 from .events import Emitter, Hook
-from .history import Entry
+from .history import Entry, presumed_entry
 from .ledger import Ledger, Survey, survey
 from .lock import ControlLock, HeldLock, LockBusy
 from .migrations import Catalog, Migration, MigrationSource, catalog, floor_in_force
@@ -735,30 +735,8 @@ class Runner:
             raise OutOfOrder(
                 missing={v: self._where(v) for v in found.missing}, db_version=control.version
             )
-        if not found.presumed:
-            return found.ledger, None
-        if found.why == "baseline":
-            note = (
-                "the history has no record of these versions, older than the first one it "
-                "records: taken as applied before it was kept"
-            )
-        else:
-            note = (
-                f"version set by hand from {ledger.upto if ledger else '?'} to "
-                f"{control.version} (not through bootmigrate): the migrations in between "
-                "are taken as skipped"
-            )
-        entry = Entry(
-            control.version,
-            "",
-            "skipped",
-            direction="up",
-            action=found.why,
-            token=held.token,
-            note=note,
-            versions=found.presumed,
-        )
-        return found.ledger, entry
+        upto = ledger.upto if ledger is not None else None
+        return found.ledger, presumed_entry(found, upto, held.token)
 
     def _where(self, version: int) -> str:
         """Where migration ``version`` comes from, for a message."""

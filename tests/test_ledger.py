@@ -1,0 +1,80 @@
+"""The ledger's arithmetic and the history survey it stands for (pure: no database)."""
+
+from __future__ import annotations
+
+from bootmigrate.ledger import Ledger, digest_of, survey
+
+
+def test_the_digest_ignores_order_and_a_version_added_twice_is_gone() -> None:
+    assert digest_of([1, 2, 4]) == digest_of([4, 1, 2])
+    assert digest_of([1, 2, 4, 3, 3]) == digest_of([1, 2, 4])
+    assert digest_of([1, 2, 4]) != digest_of([1, 2, 3, 4])
+
+
+def test_a_ledger_agrees_with_the_files_it_was_kept_for_and_not_with_a_late_one() -> None:
+    ledger = Ledger.of([1, 2, 4], since=0, upto=4)
+
+    assert ledger.agrees([1, 2, 4], 4)
+    assert not ledger.agrees([1, 2, 3, 4], 4)  # 3 merged late
+    assert ledger.agrees([1, 2, 4, 5], 4)  # 5 is merely pending
+
+
+def test_a_version_set_by_hand_past_the_ledger_still_agrees_and_is_reported() -> None:
+    ledger = Ledger.of([1, 2], since=0, upto=2)
+
+    assert ledger.agrees([1, 2, 3, 4], 3)
+    assert ledger.set_by_hand([1, 2, 3, 4], 3) == [3]
+    assert not ledger.agrees([1, 2, 3], 1)  # set back by hand: the history decides
+
+
+def test_each_move_keeps_the_ledger_in_step_with_the_version() -> None:
+    ledger = Ledger.of([1, 2], since=0, upto=2)
+
+    up = ledger.after_move(3, "up", 3)
+    assert up == Ledger.of([1, 2, 3], since=0, upto=3)
+    assert up.after_move(3, "down", 2) == Ledger.of([1, 2], since=0, upto=2)
+    assert up.after_move(2, "rerun", 3) == up
+    late = up.after_move(5, "up", 3)  # out of order: the version stays
+    assert (late.upto, late.count) == (3, 4)
+
+
+def test_a_survey_finds_the_version_never_applied() -> None:
+    found = survey([1, 2, 3, 4], 4, Ledger.of([1, 2, 4], since=0, upto=4), {1, 2, 4})
+
+    assert found.missing == (3,)
+    assert found.presumed == ()
+    assert found.ledger == Ledger.of([1, 2, 4], since=1, upto=4)
+
+
+def test_without_a_ledger_versions_older_than_the_first_run_are_presumed_done() -> None:
+    # Rocket.Chat ran 1 and 2; bootmigrate then ran 3 and 5, and 4 came late.
+    found = survey([1, 2, 3, 4, 5], 5, None, {3, 5}, first_run=3)
+
+    assert found.missing == (4,)
+    assert (found.presumed, found.why) == ((1, 2), "baseline")
+    assert found.ledger == Ledger.of([1, 2, 3, 5], since=1, upto=5)
+
+
+def test_without_any_history_everything_at_or_below_the_version_is_presumed_done() -> None:
+    found = survey([1, 2, 3], 2, None, set())
+
+    assert (found.missing, found.presumed) == ((), (1, 2))
+    assert found.ledger == Ledger.of([1, 2], since=1, upto=2)
+
+
+def test_versions_set_by_hand_are_presumed_skipped() -> None:
+    found = survey([1, 2, 3, 4], 3, Ledger.of([1, 2], since=0, upto=2), {1, 2})
+
+    assert (found.missing, found.presumed, found.why) == ((), (3,), "set-by-hand")
+    assert found.ledger == Ledger.of([1, 2, 3], since=1, upto=3)
+
+
+def test_a_build_that_dropped_old_files_moves_the_ledgers_start() -> None:
+    kept = Ledger.of([1, 2, 3, 4], since=0, upto=4)
+    assert not kept.agrees([3, 4, 5], 4)  # costs a history read...
+
+    found = survey([3, 4, 5], 4, kept, {3, 4})
+
+    assert found.missing == ()  # ...but refuses nothing
+    assert found.ledger.agrees([3, 4, 5], 4)
+    assert found.ledger.since == 3
