@@ -22,7 +22,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def watched(driver: str, mongo_uri: str, db_name: str) -> AsyncIterator[tuple[Any, CommandLog]]:
+async def watched(
+    driver: str, mongo_uri: str, db_name: str
+) -> AsyncIterator[tuple[Any, CommandLog]]:
     """The test's database on a client whose commands are logged."""
     commands = CommandLog()
     async with open_client(driver, mongo_uri, event_listeners=[commands]) as client:
