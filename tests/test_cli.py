@@ -46,10 +46,12 @@ def test_status_json_schema(cli: Cli) -> None:
         "latest",
         "state",
         "pending",
+        "out_of_order",
         "problem",
         "lock",
     }
     assert (status["state"], status["version"], status["latest"]) == ("pending", 0, 3)
+    assert status["out_of_order"] == []
     assert status["pending"][0] == {
         "version": 1,
         "name": "step_1",

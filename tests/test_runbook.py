@@ -90,11 +90,49 @@ def test_rollback(cli: Cli) -> None:
     assert sorted(d["v"] for d in cli.db.items.find()) == [1]
 
 
+def merge_3_after_4(cli: Cli) -> None:
+    """Migration 4 ran before migration 3 reached the build."""
+    (cli.migrations / "0004_step_4.py").write_text(STEP.format(v=4))
+    (cli.migrations / "0003_step_3.py").rename(cli.migrations.parent / "late.py")
+    assert cli("up", "--yes").returncode == 0
+    (cli.migrations.parent / "late.py").rename(cli.migrations / "0003_step_3.py")
+
+
+def test_out_of_order(cli: Cli) -> None:
+    merge_3_after_4(cli)
+
+    follow(cli, "out-of-order")
+
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 3, 4]
+    assert cli.control()["version"] == 4  # type: ignore[index]
+
+
+def test_out_of_order_skip(cli: Cli) -> None:
+    merge_3_after_4(cli)
+
+    follow(cli, "out-of-order-skip")
+
+    assert sorted(d["v"] for d in cli.db.items.find()) == [1, 2, 4]
+    assert cli("status").returncode == 0
+
+
 @pytest.mark.parametrize(
-    "name", ["failed-migration", "foreign-lock", "skip", "skip-failed", "rollback"]
+    "name",
+    [
+        "failed-migration",
+        "foreign-lock",
+        "skip",
+        "skip-failed",
+        "rollback",
+        "out-of-order",
+        "out-of-order-skip",
+    ],
 )
 def test_runbooks_only_use_real_commands(name: str) -> None:
-    commands = {"status", "plan", "up", "down", "rerun", "unlock", "set-version", "history", "new"}
+    commands = {
+        *("status", "plan", "up", "down", "rerun", "unlock", "set-version", "history", "new"),
+        "skip",
+    }
     for line in runbook(name):
         if not line.startswith("#"):
             assert shlex.split(line.partition("#")[0])[1] in commands, line
