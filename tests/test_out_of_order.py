@@ -6,17 +6,26 @@ no read beyond the control document."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bootmigrate import InvalidControlDocument, Migration, OutOfOrder, migrate
-from bootmigrate.commands import set_version, skip, status, validate
+from bootmigrate import (
+    ControlLocked,
+    InvalidControlDocument,
+    Migration,
+    MigrationFailed,
+    OutOfOrder,
+    migrate,
+)
+from bootmigrate.commands import set_version, skip, status, unlock, validate
 from tests.clients import open_client
 from tests.command_monitor import CommandLog
-from tests.in_process import control, history, ran, recorder, recorders
+from tests.in_process import control, failing, history, ran, recorder, recorders
 from tests.migration_files import STEP, write_migrations
+from tests.test_lock import lock_for
 
 pytestmark = pytest.mark.anyio
 
@@ -137,25 +146,71 @@ async def test_a_rocket_chat_database_with_no_history_raises_no_alarm(db: Any) -
     assert refused.value.missing.keys() == {15}
 
 
-async def test_before_the_ledger_only_a_boot_that_migrates_reads_the_history(
-    watched: tuple[Any, CommandLog],
+async def test_a_database_from_before_the_ledger_gets_one_at_its_next_boot(
+    watched: tuple[Any, CommandLog], bootmigrate_log: Any
 ) -> None:
-    """A database written before the ledger existed: up-to-date boots pay nothing for the
-    check; the first boot with work reads the history, refuses a gap, and otherwise writes
-    the ledger."""
+    """Written by a bootmigrate that kept no ledger, with 3 never recorded (a hand skip, or a
+    gap: nothing tells them apart): taken as it stands, never refused; the first boot reads
+    the history once and writes the ledger, the next ones read only the control document."""
     db, commands = watched
     await migrate(db, recorders(1, 2, 4))
     await db.migrations.update_one({"_id": "control"}, {"$unset": {"applied": ""}})
+    known = recorders(1, 2, 3, 4)
 
-    assert await commands_of_a_boot(db, commands, recorders(1, 2, 3, 4)) == ["find"]
-    with pytest.raises(OutOfOrder):
-        await migrate(db, recorders(1, 2, 3, 4, 5))
-    assert (await status(db, recorders(1, 2, 3, 4))).state == "out-of-order"
+    first = await commands_of_a_boot(db, commands, known)
 
-    report = await migrate(db, recorders(1, 2, 4, 5))
-    assert report.applied == [5]
-    doc = await control(db)
-    assert doc is not None and doc["applied"]["count"] == 4
+    assert first[:2] == ["find", "find"] and first.count("update") == 1, first
+    baseline = [r for r in await history(db) if r.get("action") == "baseline"]
+    assert [(r["outcome"], r["versions"]) for r in baseline] == [("skipped", [3])]
+    assert bootmigrate_log.has("brought the ledger of applied migrations up to date")
+    assert await commands_of_a_boot(db, commands, known) == ["find"]
+    assert (await status(db, known)).state == "up-to-date"
+
+
+async def test_a_build_that_dropped_old_files_and_adds_none_reads_the_history_once(
+    watched: tuple[Any, CommandLog],
+) -> None:
+    db, commands = watched
+    await migrate(db, recorders(1, 2, 3))
+
+    first = await commands_of_a_boot(db, commands, recorders(2, 3))
+
+    assert first == ["find", "find", "update"], first
+    assert await commands_of_a_boot(db, commands, recorders(2, 3)) == ["find"]
+    # The build that still ships them agrees with the ledger too.
+    assert await commands_of_a_boot(db, commands, recorders(1, 2, 3)) == ["find"]
+
+
+async def test_a_failed_out_of_order_migration_stays_its_own_problem(db: Any) -> None:
+    await migrate(db, recorders(1, 2, 4))
+    known = [*recorders(1, 2), failing(3), *recorders(4)]
+
+    with pytest.raises(MigrationFailed, match=r"bootmigrate up --out-of-order"):
+        await migrate(db, known, allow_out_of_order=True)
+    # A boot that does not allow it names the stuck lock, not a migration never tried.
+    with pytest.raises(ControlLocked) as stuck:
+        await migrate(db, known)
+    assert stuck.value.reason == "stuck"
+
+    await unlock(db)
+    with pytest.raises(ControlLocked, match=r"bootmigrate skip 3` if it is complete"):
+        await migrate(db, known)
+    report = await migrate(db, recorders(1, 2, 3, 4), allow_out_of_order=True)
+    assert (report.applied, report.to_version) == ([3], 4)
+
+
+async def test_records_stamped_by_skewed_clocks_still_count(db: Any) -> None:
+    """Applied, reverted from a laptop whose clock runs ahead, applied again: in effect."""
+    await migrate(db, recorders(1))
+    stamps = [datetime(2026, 1, 1, 12, m) for m in (0, 20, 10)]
+    for direction, at in zip(("up", "down", "up"), stamps, strict=True):
+        await db.migrations_history.insert_one(
+            {"version": 2, "direction": direction, "outcome": "applied", "finished_at": at}
+        )
+
+    history_says = await lock_for(db, "reader").history.in_effect(0, 5)
+
+    assert history_says == {1, 2}
 
 
 async def test_set_version_records_each_skipped_version(db: Any) -> None:

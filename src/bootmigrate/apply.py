@@ -290,6 +290,7 @@ class Applier:
                 collection=self.held.collection_name,
                 db_version=step.version_before,
                 error=f"{type(exc).__name__}: {exc}",
+                out_of_order=step.direction == "up" and step.version_before == step.version_after,
             ) from exc
         state.inside = False
         duration = run.duration()

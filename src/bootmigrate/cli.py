@@ -30,7 +30,14 @@ from .checksums import Drift
 from .config import SETTINGS_ONLY, ConfigError, ProjectConfig, find_config
 from .control import step_label
 from .drivers import address_of
-from .errors import ControlLocked, MigrationError, NotMigrated, finish_command, utc_text
+from .errors import (
+    ControlLocked,
+    MigrationError,
+    NotMigrated,
+    finish_command,
+    settle_command,
+    utc_text,
+)
 from .migrations import load_migrations
 from .plan import Plan, Target
 from .report import MigrationReport
@@ -1015,7 +1022,10 @@ def _print_status(session: Session, found: commands.Status) -> None:
             start = lock.unfinished.get("from_version")
             since = f", started at version {start}" if start is not None else ""
             rows.append(("unfinished", f"{step_label(lock.unfinished)}{since}"))
-            if (lock.unfinished.get("direction") or "up") == "up":
+            finish = _finish(lock.unfinished)
+            if finish.endswith("--out-of-order"):
+                rows.append(("next", f"the next boot that allows it (`{finish}`) runs it again"))
+            elif (lock.unfinished.get("direction") or "up") == "up":
                 # Any boot that has it resumes an up: nothing for an operator to do.
                 rows.append(("next", "the next boot (or `bootmigrate up`) runs it again"))
             else:
@@ -1035,7 +1045,9 @@ def _print_status(session: Session, found: commands.Status) -> None:
 def _finish(step: dict[str, Any]) -> str:
     """The command that runs an unfinished step again in its own direction."""
     direction = step.get("direction") or "up"
-    return finish_command(direction, step.get("version"), step.get("to_version"))
+    return finish_command(
+        direction, step.get("version"), step.get("to_version"), step.get("from_version")
+    )
 
 
 def _stuck_fix(failure: dict[str, Any]) -> str:
@@ -1043,12 +1055,12 @@ def _stuck_fix(failure: dict[str, Any]) -> str:
     direction = failure.get("direction") or "up"
     if failure.get("kind") == "interrupted":
         fix = (
-            "check what it did; if it completed: bootmigrate set-version N, then bootmigrate "
+            f"check what it did; if it completed: {settle_command(failure)}, then bootmigrate "
             "unlock; else: bootmigrate unlock --force"
         )
     else:
         fix = "fix the cause, then: bootmigrate unlock"
-    if direction != "up":
+    if direction != "up" or _finish(failure).endswith("--out-of-order"):
         fix += f", then finish it: {_finish(failure)}"
     return fix
 

@@ -19,7 +19,7 @@ from .control import Control, Owner, step_label
 from .drivers import detect_driver
 from .errors import ControlLocked, InvalidMigrations, InvalidTarget, MigrationError, OutOfOrder
 from .history import Entry
-from .ledger import Survey, survey
+from .ledger import Survey
 from .lock import ControlLock, Lease, describe_lock
 from .migrations import Migration, MigrationSource, catalog, floor_in_force, load_migrations
 from .plan import Plan, Step, latest_version, plan_for, resolve_target
@@ -254,8 +254,7 @@ async def _out_of_order(
 
 
 async def _survey(lock: ControlLock, control: Control, versions: list[int]) -> Survey:
-    recorded = await lock.history.in_effect([v for v in versions if v <= control.version])
-    return survey(versions, control.version, control.ledger, recorded.done, recorded.first_run)
+    return await lock.survey_history(control, versions)
 
 
 async def _status_without_migrations(
@@ -395,8 +394,7 @@ async def repair(
     if control.exists and not control.locked and versions and control.version <= versions[-1]:
         found = await _survey(lock, control, versions)
         if not found.missing:
-            found = await lock.rebuilt_ledger(control, versions, control.version)
-            await lock.write_ledger(control, found)
+            await lock.keep_ledger(control, found)
     return changed
 
 
@@ -425,13 +423,13 @@ async def skip(
             f"{control.version}, so not due yet; `bootmigrate set-version N` skips migrations "
             "ahead of the database"
         )
-    done = (await lock.history.in_effect(wanted)).done
+    done = sorted(set(wanted) & await lock.history.in_effect(0, control.version))
     if done:
         raise InvalidTarget(
             f"cannot skip {', '.join(map(str, sorted(done)))}: already applied or skipped "
             "(`bootmigrate history` shows when)"
         )
-    await lock.skip(wanted, files)
+    await lock.skip(control, wanted, files)
     return wanted
 
 

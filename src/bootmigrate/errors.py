@@ -87,6 +87,7 @@ class MigrationFailed(MigrationError):
         collection: str,
         db_version: int,
         error: str,
+        out_of_order: bool = False,
     ) -> None:
         error = shorten(error)
         self._fields = _fields(locals())
@@ -103,7 +104,7 @@ class MigrationFailed(MigrationError):
             f"migration {label} ({direction}) failed on {host} (pid {pid}): {error}. The lock "
             f"in collection {collection!r} is left held on purpose, database at version "
             f"{db_version}. Fix the migration, then run `bootmigrate unlock`; "
-            + _after_unlock(direction, version)
+            + _after_unlock(direction, version, out_of_order=out_of_order)
         )
 
 
@@ -192,8 +193,8 @@ class ControlLocked(MigrationError):
         if interrupted:
             fix = (
                 "Check what it had done (`bootmigrate history`, and the data it changes); if it "
-                "completed, record that first with `bootmigrate set-version "
-                f"{_done_version(failure)}`. Then unlock: `bootmigrate unlock --force`"
+                f"completed, record that first with `{settle_command(failure)}`. Then unlock: "
+                "`bootmigrate unlock --force`"
             )
         else:
             fix = "Fix the cause, then unlock: `bootmigrate unlock`"
@@ -206,7 +207,9 @@ class ControlLocked(MigrationError):
             f"half-migrated database (at version {self.db_version}). {fix}, or "
             f"db.{self.collection}.updateOne("
             '{_id: "control"}, {$set: {locked: false}}); '
-            + _after_unlock(direction, version, failure.get("to_version"))
+            + _after_unlock(
+                direction, version, failure.get("to_version"), out_of_order=_late(failure)
+            )
         )
 
     def _unfinished_message(self) -> str:
@@ -222,12 +225,17 @@ class ControlLocked(MigrationError):
                 f"refusing to unlock: {label} was interrupted (its holder stopped inside it) "
                 "and is not known to be safe to run again: unlocking would let it run again "
                 "over whatever it had half done. Check what it did (`bootmigrate history`, and "
-                "the data it changes). If it completed, record that with `bootmigrate "
-                f"set-version {_done_version(step)}`, then unlock; to let it run again, "
+                f"the data it changes). If it completed, record that with `{settle_command(step)}`"
+                ", then unlock; to let it run again, "
                 "`bootmigrate unlock --force`."
             )
-        finish = finish_command(direction, version, end)
-        if direction == "down":
+        finish = finish_command(direction, version, end, start)
+        if _late(step):
+            settle = (
+                f"`bootmigrate skip {version}` if it is complete (it ran out of order: the "
+                "version stays where it is)"
+            )
+        elif direction == "down":
             settle = (
                 f"`bootmigrate set-version {end if end is not None else 'N'}` if the revert is "
                 f"complete, `bootmigrate set-version {version}` if migration {version} is whole"
@@ -474,9 +482,24 @@ def _done_version(step: dict[str, Any]) -> Any:
     return done if done is not None else "N"
 
 
-def finish_command(direction: str, version: Any, to_version: Any) -> str:
+def _late(step: dict[str, Any]) -> bool:
+    """Whether ``step`` is an ``up`` run out of order: it leaves the version where it was."""
+    start, end = step.get("from_version"), step.get("to_version")
+    return (step.get("direction") or "up") == "up" and start is not None and start == end
+
+
+def settle_command(step: dict[str, Any]) -> str:
+    """The command that records ``step`` as complete, once an operator checked that it is."""
+    if _late(step):
+        return f"bootmigrate skip {step.get('version')}"
+    return f"bootmigrate set-version {_done_version(step)}"
+
+
+def finish_command(direction: str, version: Any, to_version: Any, from_version: Any = None) -> str:
     """The command that runs an unfinished step again, in its own direction (``to_version``:
-    where a ``down`` goes)."""
+    where a ``down`` goes; an ``up`` from and to the same version ran out of order)."""
+    if direction == "up" and from_version is not None and from_version == to_version:
+        return "bootmigrate up --out-of-order"
     if direction == "down":
         return f"bootmigrate down --to {to_version if to_version is not None else '<target>'}"
     if direction == "rerun":
@@ -484,10 +507,18 @@ def finish_command(direction: str, version: Any, to_version: Any) -> str:
     return f"bootmigrate up --to {version}"
 
 
-def _after_unlock(direction: str, version: Any, to_version: Any = None) -> str:
+def _after_unlock(
+    direction: str, version: Any, to_version: Any = None, *, out_of_order: bool = False
+) -> str:
     """What happens once a failed or interrupted step's lock is unlocked: an ``up`` resumes at
-    the next boot; a ``down`` or ``rerun`` is finished only by running it again (no boot
-    steps over it)."""
+    the next boot (one run out of order, at the next that allows it); a ``down`` or ``rerun``
+    is finished only by running it again (no boot steps over it)."""
+    if out_of_order:
+        return (
+            f"migration {version} ran out of order: the next boot that allows it "
+            "(`bootmigrate up --out-of-order`, or allow_out_of_order=True) runs it again; "
+            "others refuse to boot without it."
+        )
     if direction == "up":
         return f"the next boot resumes at migration {version}."
     finish = finish_command(direction, version, to_version)

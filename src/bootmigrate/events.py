@@ -46,6 +46,7 @@ EventName = Literal[
     "rerun_already_done",
     "rerun_left_to_migrator",
     "out_of_order",
+    "ledger_updated",
     # the lock
     "server_detected",
     "server_warning",

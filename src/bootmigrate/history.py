@@ -63,6 +63,8 @@ class Entry:
     versions: tuple[int, ...] = ()
     #: Where a set-version moved the database from.
     from_version: int | None = None
+    #: A fixed ``_id``, for a record that processes racing to make it must make once.
+    id: str | None = None
 
     @classmethod
     def manual(
@@ -70,16 +72,6 @@ class Entry:
     ) -> Entry:
         """The record of an action taken on the lock rather than a migration run."""
         return cls(version, name, "manual", action=action, token=token, note=note)
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What the history says of some versions: those applied or skipped and not reverted
-    since (``done``), and the lowest of them with a record of an ``up`` run (``first_run``),
-    where records that bootmigrate ran them begin."""
-
-    done: frozenset[int]
-    first_run: int | None
 
 
 def presumed_entry(found: Survey, upto: int | None, token: int | None = None) -> Entry | None:
@@ -90,14 +82,16 @@ def presumed_entry(found: Survey, upto: int | None, token: int | None = None) ->
         return None
     if found.why == "baseline":
         note = (
-            "the history has no record of these versions, older than the first one it records "
-            "running: taken as applied before it was kept"
+            "no record of these versions when the ledger of applied migrations was started: "
+            "taken as applied (or skipped by hand) before it was kept"
         )
     else:
         note = (
             f"version set by hand from {upto} to {found.version} (not through bootmigrate): "
             "the migrations in between are taken as skipped"
         )
+    # One record of one finding, however many replicas make it at once.
+    key = f"{found.why}:{upto}:{found.version}"
     return Entry(
         found.version,
         "",
@@ -107,6 +101,7 @@ def presumed_entry(found: Survey, upto: int | None, token: int | None = None) ->
         token=token,
         note=note,
         versions=found.presumed,
+        id=key,
     )
 
 
@@ -138,7 +133,7 @@ class History:
         drawn now: sent again after a lost reply, it is recognised and not duplicated."""
         finished_at = utc_now()
         doc: dict[str, Any] = {
-            "_id": ObjectId(),
+            "_id": entry.id or ObjectId(),
             "version": entry.version,
             "name": entry.name,
             "direction": entry.direction,
@@ -168,45 +163,40 @@ class History:
             doc["from_version"] = entry.from_version
         return doc
 
-    async def in_effect(self, versions: Sequence[int]) -> Recorded:
-        """Which of ``versions`` the history shows applied or skipped and not reverted since
-        (the latest record of each decides): what the control document's ledger summarises."""
-        if not versions:
-            return Recorded(frozenset(), None)
-        wanted = list(versions)
+    async def in_effect(self, low: int, high: int) -> frozenset[int]:
+        """The versions from ``low`` to ``high`` that the history shows applied or skipped and
+        not reverted since: what the control document's ledger summarises.
+
+        Counted, not ordered: records from different hosts are stamped by different clocks,
+        so "the latest record" cannot be trusted. Each applied ``up`` and each skip puts a
+        version in effect, each applied ``down`` takes it out; in reality they alternate, so
+        a version is in effect when the first kind outnumbers the second."""
+        if high < low:
+            return frozenset()
+        span = {"$gte": low, "$lte": high}
         records = await self._coll.find(
             {
-                "$and": [
+                "$or": [
+                    {"version": span, "outcome": "applied", "direction": {"$in": ["up", "down"]}},
+                    {"versions": {"$elemMatch": span}, "outcome": "skipped"},
+                    # Written before skips were listed: a fresh skip, or a set-version.
+                    {"version": span, "outcome": "skipped", "versions": {"$exists": False}},
                     {
-                        "$or": [
-                            {"version": {"$in": wanted}},
-                            {"versions": {"$in": wanted}},
-                            {"action": "set-version"},
-                        ]
-                    },
-                    # A set-version record written before skips were listed names its version.
-                    {
-                        "$or": [
-                            {"outcome": {"$in": ["applied", "skipped"]}},
-                            {"action": "set-version"},
-                        ]
+                        "version": span,
+                        "action": "set-version",
+                        "versions": {"$exists": False},
+                        "from_version": {"$exists": False},
                     },
                 ]
             },
-            {"version": 1, "versions": 1, "direction": 1, "outcome": 1, "from_version": 1},
-            sort=[("finished_at", 1), ("_id", 1)],
+            {"version": 1, "versions": 1, "direction": 1, "outcome": 1, "action": 1},
         ).to_list(None)
-        state: dict[int, bool] = {}
-        among = set(wanted)
-        first: int | None = None
+        balance: dict[int, int] = {}
         for record in records:
-            for version, done in _effect(record, among):
-                state[version] = done
-            if (record.get("outcome"), record.get("direction")) == ("applied", "up"):
-                version = record.get("version")
-                if isinstance(version, int) and (first is None or version < first):
-                    first = version
-        return Recorded(frozenset(v for v in wanted if state.get(v)), first)
+            for version, change in _effect(record):
+                if low <= version <= high:
+                    balance[version] = balance.get(version, 0) + change
+        return frozenset(v for v, count in balance.items() if count > 0)
 
     async def skipped(self, versions: Sequence[int]) -> set[int]:
         """Which of ``versions`` were last recorded as skipped by an operator or a fresh
@@ -269,22 +259,18 @@ async def create_collection(coll: Any) -> None:
             raise
 
 
-def _effect(record: dict[str, Any], wanted: set[int]) -> list[tuple[int, bool]]:
-    """What one history record says of the versions in ``wanted``: applied or skipped (True),
-    reverted (False). A set-version record covers the versions it moved past: skipped going
-    up, no longer applied going down."""
-    version = record.get("version")
-    start = record.get("from_version")
-    if (
-        record.get("action") == "set-version"
-        and isinstance(start, int)
-        and isinstance(version, int)
-    ):
-        low, high = sorted((start, version))
-        return [(v, version > start) for v in wanted if low < v <= high]
+def _effect(record: dict[str, Any]) -> list[tuple[int, int]]:
+    """What one history record does to the versions it names: +1 puts one in effect (an
+    applied ``up``, a skip), -1 takes it out (an applied ``down``). A set-version going down
+    counts for nothing: the versions it moves below are run or skipped again before they
+    count, and each of those adds one."""
     listed = record.get("versions")
-    if record.get("outcome") == "skipped" and isinstance(listed, list):
-        return [(v, True) for v in listed if isinstance(v, int)]
-    if isinstance(version, int) and version in wanted:
-        return [(version, record.get("direction") != "down")]
-    return []
+    if isinstance(listed, list):
+        skips = record.get("outcome") == "skipped"
+        return [(v, 1) for v in listed if isinstance(v, int)] if skips else []
+    version = record.get("version")
+    if not isinstance(version, int):
+        return []
+    if record.get("outcome") == "applied":
+        return [(version, -1 if record.get("direction") == "down" else 1)]
+    return [(version, 1)]  # a skip recorded before skips were listed

@@ -145,33 +145,32 @@ def survey(
     files: Sequence[int],
     version: int,
     ledger: Ledger | None,
-    recorded: Iterable[int],
-    first_run: int | None = None,
+    done: Iterable[int],
 ) -> Survey:
-    """Compare ``files`` (this build's versions) with ``recorded`` (the versions the history
+    """Compare ``files`` (this build's versions) with ``done`` (every version the history
     shows applied or skipped, and not reverted since), the database being at ``version``.
 
-    Without a ledger, ``first_run`` (the oldest version the history records an ``up`` run
-    of) marks where records begin: known versions below it are presumed done
-    (``baseline``), and so is everything at or below ``version`` when there is none. With a
-    ledger, versions set by hand past its ``upto`` are presumed done (``set-by-hand``).
-    Versions this build no longer ships are left out: its oldest file becomes the ledger's
-    ``since``."""
-    done = set(recorded)
+    Without a ledger (a database from Rocket.Chat, or from a bootmigrate that kept none), the
+    database is taken as it stands: known versions at or below ``version`` with no record
+    are presumed done (``baseline``), since a hand skip made back then cannot be told from a
+    gap, and refusing would stop a service that booted fine the day before. With a ledger,
+    versions set by hand past its ``upto`` are presumed done (``set-by-hand``), and a known
+    version it covers with no record is ``missing``. The ledger to write counts every version
+    in effect, known to this build or not (so that builds that know different files agree on
+    it), from ``since``: this build's oldest file, if it no longer ships older ones."""
+    recorded = set(done)
     below = [v for v in files if v <= version]
     oldest = files[0] if files else version + 1
-    why: Presumed | None
+    why: Presumed
     if ledger is None:
-        starts = version + 1 if first_run is None else first_run
-        presumed = [v for v in below if v < starts and v not in done]
-        checked = [v for v in below if v >= starts]
+        presumed = [v for v in below if v not in recorded]
+        missing: list[int] = []
         since, why = oldest, "baseline"
     else:
-        presumed = [v for v in ledger.set_by_hand(files, version) if v not in done]
-        checked = [v for v in below if v >= ledger.since and v <= ledger.upto]
+        presumed = [v for v in ledger.set_by_hand(files, version) if v not in recorded]
+        missing = [v for v in ledger.tracked(files, version) if v not in recorded]
         since, why = max(ledger.since, oldest), "set-by-hand"
-    missing = [v for v in checked if v not in done]
-    kept = [v for v in below if v >= since and (v in done or v in presumed)]
+    kept = [v for v in recorded | set(presumed) if since <= v <= version]
     return Survey(
         version=version,
         missing=tuple(missing),

@@ -333,7 +333,7 @@ class ControlLock:
             # The record goes first, so that the ledger never counts a skip the history
             # lacks; under one fixed id, so that replicas racing to create the document
             # leave one record between them.
-            record = self.history.document(
+            await self.history.record(
                 Entry(
                     version=version,
                     name="",
@@ -342,9 +342,9 @@ class ControlLock:
                     note="fresh database: recorded as up to date without running migrations "
                     "(fresh='skip')",
                     versions=tuple(skipped),
+                    id="fresh-skip",
                 )
             )
-            await self.history.insert({**record, "_id": FRESH_SKIP_ID})
             if await self._create(version=version, owner=None, applied=ledger) is None:
                 return False
         return True
@@ -459,39 +459,61 @@ class ControlLock:
             )
         return OperatorChange(True, seen, lease)
 
-    async def skip(self, versions: Sequence[int], files: Sequence[int]) -> Survey:
+    async def skip(self, seen: Control, versions: Sequence[int], files: Sequence[int]) -> None:
         """Record migrations below the database's version that never ran as skipped (their
         change is already there, or must never be made), so that no boot refuses them as out
-        of order; refused while a live holder runs. Returns what the history says after."""
-        seen = await self.read()
+        of order; an unfinished out-of-order run of one of them is settled too. Refused while
+        a live holder runs, and if the document changed since ``seen``."""
         await self._refuse_live(seen, await self.lease_of(seen), "record a skip", False)
+        found = await self.survey_history(seen, files)
+        counted = [v for v in versions if v >= found.ledger.since and v not in found.presumed]
+        ledger = found.ledger.with_versions(added=counted)
+        await self._record_presumed(seen, found)
+        update: dict[str, Any] = {"$set": {"applied": ledger.as_document()}}
+        step = seen.unfinished_step
+        if step is not None and step.get("version") in versions:
+            update["$set"]["unfinished"] = None
+        # The ledger first, compared with the document as read: an acquire made meanwhile
+        # (which could run them) makes this fail before anything is recorded; and an acquire
+        # that comes after it sees the ledger changed, looks again, and runs nothing.
+        if not (await self.collection.update_one(_unchanged(seen), update)).matched_count:
+            raise ControlLocked(
+                "changed", seen, collection=self.collection_name, action="record a skip"
+            )
         note = f"recorded as skipped by an operator at version {seen.version}: never run"
         await self.history.record(
             Entry(seen.version, "", "skipped", action="skip", note=note, versions=tuple(versions))
         )
-        found = await self.rebuilt_ledger(seen, files, seen.version)
-        await self.write_ledger(seen, found)
-        return found
+
+    async def survey_history(
+        self, seen: Control, files: Sequence[int], version: int | None = None
+    ) -> Survey:
+        """What the history says of ``files`` with the database at ``version`` (default:
+        ``seen``'s), against ``seen``'s ledger."""
+        at = seen.version if version is None else version
+        return survey(files, at, seen.ledger, await self.history.in_effect(0, at))
 
     async def rebuilt_ledger(self, seen: Control, files: Sequence[int], version: int) -> Survey:
         """What the history says of ``files`` at ``version`` (the ledger to write, from
         ``seen``'s), with the versions it takes as done recorded first, as the ledger counts
         them."""
-        recorded = await self.history.in_effect([v for v in files if v <= version])
-        found = survey(files, version, seen.ledger, recorded.done, recorded.first_run)
-        upto = seen.ledger.upto if seen.ledger is not None else None
-        entry = presumed_entry(found, upto)
-        if entry is not None:
-            await self.history.record(entry)
+        found = await self.survey_history(seen, files, version)
+        await self._record_presumed(seen, found)
         return found
 
-    async def write_ledger(self, seen: Control, found: Survey) -> bool:
-        """Write the ledger of ``found`` on the control document, if it is still as ``seen``
-        and differs; whether it was written."""
+    async def keep_ledger(self, seen: Control, found: Survey) -> bool:
+        """Write the ledger of ``found`` on the control document if it is still as ``seen``
+        and differs, the versions it takes as done recorded first; whether it was written."""
         if not seen.exists or seen.ledger == found.ledger:
             return False
+        await self._record_presumed(seen, found)
         update = {"$set": {"applied": found.ledger.as_document()}}
         return bool((await self.collection.update_one(_unchanged(seen), update)).matched_count)
+
+    async def _record_presumed(self, seen: Control, found: Survey) -> None:
+        entry = presumed_entry(found, seen.ledger.upto if seen.ledger is not None else None)
+        if entry is not None:
+            await self.history.record(entry)
 
     async def _refuse_live(self, seen: Control, lease: Lease, action: str, force: bool) -> None:
         """Refuse to change a live holder's lock unless ``force``. A heartbeat the server's
@@ -1029,9 +1051,6 @@ _RELEASE_LINES: dict[ReleaseReason, tuple[str, int]] = {
     ),
 }
 
-# The history record of a fresh database's skip: one, however many replicas race to make it.
-FRESH_SKIP_ID = "fresh-skip"
-
 # Unlocked at the version reached; the holder's fields go, `token` stays so it keeps growing.
 # `unfinished` stays too: a step that did not complete is still unfinished after a release.
 _RELEASED = {"$set": {"locked": False}, "$unset": {name: "" for name in HELD_FIELDS}}
@@ -1094,6 +1113,8 @@ def _unbeaten(seen: Control) -> dict[str, Any]:
         "acquisition": seen.acquisition,  # None matches a lock from before acquisition ids
         "beats": seen.beats,
         "failure": None,
+        # An operator's `skip` meanwhile moves only the ledger: what was planned is stale.
+        "applied": seen.raw.get("applied"),
     }
 
 
@@ -1105,6 +1126,7 @@ def _failed_as(seen: Control) -> dict[str, Any]:
         "token": seen.token,
         "failure.kind": "failed",
         "failure.build": (seen.failure or {}).get("build"),
+        "applied": seen.raw.get("applied"),
     }
 
 

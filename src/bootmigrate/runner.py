@@ -38,7 +38,7 @@ from .errors import (
 )
 from .events import Emitter, Hook
 from .history import Entry, presumed_entry
-from .ledger import Ledger, Survey, survey
+from .ledger import Ledger, Survey
 from .lock import ControlLock, HeldLock, LockBusy
 from .migrations import Catalog, Migration, MigrationSource, catalog, floor_in_force
 from .plan import Plan, Route, Target, resolve_target, route_for
@@ -665,24 +665,24 @@ class Runner:
     async def _with_missing(self, control: Control, route: Route, deadline: Deadline) -> Route:
         """``route``, refused if known migrations below the database's version were never
         applied nor skipped (:class:`OutOfOrder`), or with them run first if the call allows
-        it. Costs nothing while the ledger agrees with the file names; else the history is
-        read. A database with no ledger yet is checked by the first call that migrates (it
-        writes the ledger): an up-to-date boot does not pay a history read for it."""
+        it. Costs nothing while the ledger agrees with the file names. Else the history is
+        read, and an up-to-date call that finds nothing missing brings the ledger up to date
+        (a database from before the ledger, a build that dropped old files, a version set
+        by hand), so that the next boot is one read again."""
         if not control.exists or control.version > self.known.latest:
             return route  # nothing applied yet, or an older build: nothing it could miss
         ledger = control.ledger
         if ledger is not None and ledger.agrees(self.known.versions, control.version):
             return route
-        if ledger is None and not route.moves:
-            return route
         with sorted_errors("read the history for migrations never applied"):
             found = await self._survey(control, deadline)
         if not found.missing:
+            if not route.moves and not control.locked:
+                with sorted_errors("bring the ledger of applied migrations up to date"):
+                    await self._keep(control, found, deadline)
             return route
         if not self.settings.allow_out_of_order:
-            raise OutOfOrder(
-                missing={v: self._where(v) for v in found.missing}, db_version=control.version
-            )
+            self._refuse_missing(control, found)
         self.events.emit(
             "out_of_order",
             "migration(s) %s below the database's version %d were never applied: running "
@@ -695,22 +695,53 @@ class Runner:
         )
         return route.with_missing(found.missing)
 
+    def _refuse_missing(self, control: Control, found: Survey) -> NoReturn:
+        """Refuse a database with migrations missing below its version. A lock in the way is
+        said first: one stuck (by such a migration, perhaps) or an unfinished step only an
+        operator settles; a live holder may be running them, so wait for it."""
+        name = self.lock.collection_name
+        if control.stuck:
+            raise ControlLocked("stuck", control, collection=name)
+        if control.locked:
+            raise LockBusy(control)
+        unfinished = control.unfinished_step
+        if unfinished is not None and unfinished.get("version") in found.missing:
+            action = "boot without running it"
+            raise ControlLocked("unfinished", control, collection=name, action=action)
+        raise OutOfOrder(
+            missing={v: self._where(v) for v in found.missing}, db_version=control.version
+        )
+
+    async def _keep(self, control: Control, found: Survey, deadline: Deadline) -> None:
+        """Write the ledger ``found`` says, if the document is still as ``control`` (the
+        versions it presumes done recorded first, once however many replicas do this)."""
+        if found.ledger == control.ledger:
+            return
+        with deadline.bound():
+            written = await self.lock.keep_ledger(control, found)
+        if written:
+            self.events.emit(
+                "ledger_updated",
+                "brought the ledger of applied migrations up to date from the history "
+                "(version %d, %d applied or skipped)%s",
+                control.version,
+                found.ledger.count,
+                f"; taken as done without a record: {list(found.presumed)} ({found.why})"
+                if found.presumed
+                else "",
+                db_version=control.version,
+                applied=found.presumed or None,
+                reason=found.why,
+            )
+
     async def _survey(self, control: Control, deadline: Deadline) -> Survey:
         """What the history says of this build's versions at or below ``control``'s; read
         once per version and ledger seen."""
         key = (control.version, control.ledger)
         found = self._surveys.get(key)
         if found is None:
-            wanted = [v for v in self.known.versions if v <= control.version]
             with deadline.bound():
-                recorded = await self.lock.history.in_effect(wanted)
-            found = survey(
-                self.known.versions,
-                control.version,
-                control.ledger,
-                recorded.done,
-                recorded.first_run,
-            )
+                found = await self.lock.survey_history(control, self.known.versions)
             self._surveys[key] = found
         return found
 
