@@ -296,3 +296,15 @@ async def test_a_malformed_ledger_is_refused_with_its_fix(db: Any) -> None:
 
     with pytest.raises(InvalidControlDocument, match=r"\$unset: \{applied: 1\}"):
         await migrate(db, recorders(1, 2))
+
+
+async def test_a_wait_only_call_leaves_a_stale_ledger_as_it_is(db: Any) -> None:
+    """Wait-only replicas never write: the ledger waits for a call that may."""
+    await migrate(db, recorders(1, 2))
+    await db.migrations.update_one({"_id": "control"}, {"$unset": {"applied": ""}})
+    before = (await control(db), await history(db))
+
+    report = await migrate(db, recorders(1, 2), apply=False)
+
+    assert report.to_version == 2
+    assert (await control(db), await history(db)) == before

@@ -677,7 +677,8 @@ class Runner:
         with sorted_errors("read the history for migrations never applied"):
             found = await self._survey(control, deadline)
         if not found.missing:
-            if not route.moves and not control.locked:
+            # Not a wait-only call: it never writes.
+            if not route.moves and not control.locked and self.settings.apply:
                 with sorted_errors("bring the ledger of applied migrations up to date"):
                     await self._keep(control, found, deadline)
             return route
