@@ -233,6 +233,19 @@ def test_a_database_that_does_not_exist_is_said_and_up_asks_before_creating_it(
     cli.db.client.drop_database("tpyo")
 
 
+@pytest.mark.parametrize("command", [("history",), ("plan",), ("unlock",)])
+def test_commands_that_find_nothing_say_when_the_database_does_not_exist(
+    cli: Cli, command: tuple[str, ...]
+) -> None:
+    done = cli(*command, "--db", "tpyo")
+
+    assert done.returncode == 0, done.stderr
+    assert "warning: database 'tpyo' does not exist on this server" in done.stdout
+    assert "tpyo" not in cli.db.client.list_database_names()
+    assert cli("up", "--yes", "--to", "1").returncode == 0
+    assert "does not exist" not in cli(*command).stdout
+
+
 def test_status_shows_the_database_when_a_migration_file_is_broken(cli: Cli) -> None:
     cli("up", "--yes", "--to", "1")
     (cli.migrations / "0002_step_2.py").write_text("async def up(db)\n    pass\n")

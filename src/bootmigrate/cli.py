@@ -420,7 +420,13 @@ def plan_command(session: Session, to: int | None) -> None:
     """What `up` (or `--to N`) would run, without running it: no lock, no writes."""
     target: Target = "latest" if to is None else to
     found = _plan(session, target)
-    session.emit(_plan_json(found), lambda: _print_plan(session, found))
+
+    def human() -> None:
+        _print_plan(session, found)
+        if found.from_version == 0:
+            _warn_if_no_database(session)
+
+    session.emit(_plan_json(found), human)
 
 
 @main.command()
@@ -613,6 +619,8 @@ def unlock(session: Session, force: bool) -> None:
     def human() -> None:
         if not done.changed:
             session.console.print(f"not locked: nothing to do (version {done.before.version})")
+            if not done.before.exists:
+                _warn_if_no_database(session)
             return
         step = done.unfinished
         if done.recorded is not None:
@@ -755,7 +763,13 @@ def repair(session: Session, yes: bool) -> int:
 def history(session: Session, limit: int) -> None:
     """Per-migration records, newest first."""
     records = session.run(lambda db: commands.history(db, session.settings, limit=limit))
-    session.emit(records, lambda: _print_history(session, records))
+
+    def human() -> None:
+        _print_history(session, records)
+        if not records:
+            _warn_if_no_database(session)
+
+    session.emit(records, human)
 
 
 @main.command()
@@ -856,6 +870,16 @@ def new(session: Session, name: str) -> None:
         {"path": str(path), "version": int(path.name.split("_")[0])},
         lambda: session.console.print(f"created {path}"),
     )
+
+
+def _warn_if_no_database(session: Session) -> None:
+    """After an empty answer: say so if the database does not exist at all (a mistyped name
+    reads as an empty database)."""
+    if not session.run(commands.database_exists):
+        session.console.print(
+            f"warning: {session.db_label} does not exist on this server (no collections): "
+            "check --db (or BOOTMIGRATE_DB, or the URI's)"
+        )
 
 
 def _checked(base: Settings, **options: Any) -> Settings:
