@@ -197,6 +197,7 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     assert "migration 2 step_2 (failed)" in done.stdout
     assert re.search(r"\(failed\) on \S+ at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n", done.stdout)
     assert "RuntimeError: index build failed" in done.stdout
+    assert re.search(r'where +File ".*0002_step_2\.py", line 2, in up\n', done.stdout)
     assert "fix the cause, then: bootmigrate unlock" in done.stdout
     assert cli.json("status")["lock"]["failure"]["version"] == 2
 

@@ -820,7 +820,7 @@ def config(session: Session) -> None:
         table = _table("setting", "value", "from")
         for row in rows:
             table.add_row(str(row["setting"]), str(row["value"]), str(row["from"]))
-        session.console.print(table)
+        _show(session, table)
 
     session.emit({"file": str(project.path) if project.path else None, "settings": rows}, human)
 
@@ -829,7 +829,7 @@ def _print_drift(session: Session, drift: list[Drift]) -> None:
     table = _table("version", "name", "problem", "checksum then", "checksum now")
     for d in drift:
         table.add_row(str(d.version), d.name, d.problem, d.recorded[:12], (d.current or "")[:12])
-    session.console.print(table)
+    _show(session, table)
 
 
 def _source(where: dict[ParameterSource, str], source: ParameterSource | None) -> str:
@@ -955,7 +955,7 @@ def _print_plan(session: Session, found: Plan) -> None:
             step.direction,
             step.migration.description,
         )
-    session.console.print(table)
+    _show(session, table)
     session.console.print(f"version {found.from_version} -> {found.to_version}")
 
 
@@ -1037,6 +1037,9 @@ def _print_status(session: Session, found: commands.Status) -> None:
                 )
             )
             rows.append(("error", str(failure.get("error"))))
+            where = _failing_line(failure.get("traceback"))
+            if where:
+                rows.append(("where", where))
             rows.append(("fix", _stuck_fix(failure)))
         elif lock.lease is None:
             rows.append(("fix", "if no migration is running: bootmigrate unlock"))
@@ -1063,7 +1066,7 @@ def _print_status(session: Session, found: commands.Status) -> None:
     table = _table("", "", header=False)
     for key, value in rows:
         table.add_row(key, value)
-    session.console.print(table)
+    _show(session, table)
 
 
 def _finish(step: dict[str, Any]) -> str:
@@ -1072,6 +1075,15 @@ def _finish(step: dict[str, Any]) -> str:
     return finish_command(
         direction, step.get("version"), step.get("to_version"), step.get("from_version")
     )
+
+
+def _failing_line(traceback: object) -> str | None:
+    """The innermost frame of a recorded traceback (file, line, function), where the
+    failure is; the whole tail stays in the control document and history."""
+    if not isinstance(traceback, str):
+        return None
+    frames = [line.strip() for line in traceback.splitlines() if line.startswith('  File "')]
+    return frames[-1] if frames else None
 
 
 def _stuck_fix(failure: dict[str, Any]) -> str:
@@ -1118,7 +1130,15 @@ def _print_history(session: Session, records: list[dict[str, Any]]) -> None:
             str(r.get("build") or ""),
             str(r.get("error") or r.get("note") or ""),
         )
-    session.console.print(table)
+    _show(session, table)
+
+
+def _show(session: Session, table: Table) -> None:
+    """Print ``table`` without the spaces rich pads its last column with: a line is as long
+    as what it says, for people and for the scripts that grep it."""
+    with session.console.capture() as captured:
+        session.console.print(table)
+    click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _table(*columns: str, header: bool = True) -> Table:
