@@ -4,10 +4,13 @@ stopped by real signals are in test_shutdown.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,6 +30,7 @@ from bootmigrate import (
     MigrationReport,
     NotMigrated,
 )
+from bootmigrate.integrations import boot, starlette
 from bootmigrate.integrations.aiohttp import BOOT, REPORT, migrate_context
 from bootmigrate.integrations.aiohttp import readiness as aiohttp_readiness
 from bootmigrate.integrations.fastapi import migrate_lifespan, readiness
@@ -84,10 +88,14 @@ def test_fastapi_lifespan_failure_stops_the_app_from_starting(
     )
     app = fastapi_app(driver, mongo_uri, db_name)
 
-    with pytest.raises(ControlLocked, match="boom"), TestClient(app):
+    with pytest.raises(ControlLocked, match="boom") as refused, TestClient(app):
         pass
 
     assert sync_db.ran.count_documents({}) == 0
+    # What the server prints for each replica: the message, not bootmigrate's own frames.
+    frames = traceback.extract_tb(refused.value.__traceback__)
+    ours = {Path(f.filename) for f in frames if f"bootmigrate{os.sep}" in f.filename}
+    assert ours == {Path(boot.__file__), Path(starlette.__file__)}, ours
 
 
 def test_starlette_lifespan_alone_with_a_database(

@@ -20,8 +20,7 @@ from ..report import MigrationReport
 from ..runner import migrate_with
 from ..settings import Settings
 from . import DatabaseOrFactory, check_flags, resolve_database, settings_of
-from .boot import NOT_CONFIGURED, Background, BootMigration
-from .signals import until_signalled
+from .boot import NOT_CONFIGURED, Background, BootMigration, boot_or_say_why
 
 REPORT: web.AppKey[MigrationReport] = web.AppKey("bootmigrate_report", MigrationReport)
 BOOT: web.AppKey[BootMigration] = web.AppKey("bootmigrate_boot", BootMigration)
@@ -74,7 +73,7 @@ def migrate_context(
             finally:
                 await background.stop()
             return
-        report = await until_signalled(lambda: migrate_with(database, migrations, checked))
+        report = await boot_or_say_why(lambda: migrate_with(database, migrations, checked))
         boot.done(report)
         app[REPORT] = report
         yield

@@ -20,7 +20,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from ..errors import ControlLocked, DatabaseUnavailable, LockLost, MigrationError, NotMigrated
 from ..report import MigrationReport, log_fields
-from .signals import stop_server
+from .signals import stop_server, until_signalled
 
 log = logging.getLogger("bootmigrate")
 
@@ -206,3 +206,15 @@ class Background:
         await asyncio.wait({self.task})
         if self.boot.state == "migrating":  # cancelled before it began
             self.boot.failed(asyncio.CancelledError())
+
+
+async def boot_or_say_why(call: Callable[[], Awaitable[MigrationReport]]) -> MigrationReport:
+    """``await call()`` in a blocking boot (SIGTERM honoured, :func:`~.signals.until_signalled`).
+    A :class:`~bootmigrate.MigrationError` leaves without bootmigrate's own frames: its
+    message already says what happened and the fix, and the server prints the traceback of
+    every replica that fails (four workers, four copies). A migration's own error stays
+    attached, with its traceback (``MigrationFailed.__cause__``)."""
+    try:
+        return await until_signalled(call)
+    except MigrationError as exc:
+        raise exc.with_traceback(None)  # noqa: B904 - the same error, not a new one

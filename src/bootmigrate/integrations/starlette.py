@@ -21,8 +21,7 @@ from ..migrations import MigrationSource
 from ..runner import migrate_with
 from ..settings import Settings
 from . import DatabaseOrFactory, check_flags, resolve_database, settings_of
-from .boot import NOT_CONFIGURED, Background, BootMigration
-from .signals import until_signalled
+from .boot import NOT_CONFIGURED, Background, BootMigration, boot_or_say_why
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
@@ -88,7 +87,7 @@ def migrate_lifespan(
                 # Left before the app's own lifespan: the client is still open meanwhile.
                 stack.push_async_callback(background.stop)
             else:
-                report = await until_signalled(lambda: migrate_with(database, migrations, checked))
+                report = await boot_or_say_why(lambda: migrate_with(database, migrations, checked))
                 boot.done(report)
                 keep(report)
             yield state
