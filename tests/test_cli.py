@@ -203,13 +203,18 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
 
     unlocked = cli("unlock")
     assert unlocked.returncode == 0
-    assert "unlocked: was stuck at version 1: migration 2 failed" in unlocked.stdout
+    assert "unlocked: was stuck at version 1: migration 2 step_2 failed" in unlocked.stdout
     after = cli("status").stdout  # an unfinished up: the next boot resumes it, no fix to run
     assert re.search(r"next +the next boot \(or `bootmigrate up`\) runs it again", after)
     assert "finish it:" not in after
     assert cli.json("status")["lock"]["unfinished"]["version"] == 2
     assert cli.control()["locked"] is False  # type: ignore[index]
-    assert cli.json("history", "--limit", "1")[0]["action"] == "unlock"
+    unlock_record = cli.json("history", "--limit", "1")[0]
+    assert (unlock_record["action"], unlock_record["version"], unlock_record["name"]) == (
+        "unlock",
+        1,
+        "",  # the database's version, with no migration's name beside it
+    )
 
     (cli.migrations / "0002_step_2.py").write_text(STEP.format(v=2))
     assert cli.json("up", "--yes")["applied"] == [2, 3]
@@ -391,6 +396,7 @@ def test_set_version_skips_and_is_recorded(cli: Cli) -> None:
     record = cli.json("history", "--limit", "1")[0]
     assert (record["outcome"], record["action"], record["version"]) == ("skipped", "set-version", 2)
     assert (record["from_version"], record["versions"]) == (1, [2])
+    assert "from 1 to 2 (versions 2)" in cli("history", "--limit", "1").stdout
     assert cli.json("up", "--yes")["applied"] == [3]
 
 

@@ -1128,9 +1128,18 @@ def _print_history(session: Session, records: list[dict[str, Any]]) -> None:
             f"{duration:.3f}" if isinstance(duration, (int, float)) else "",
             str(r.get("host") or ""),
             str(r.get("build") or ""),
-            str(r.get("error") or r.get("note") or ""),
+            str(r.get("error") or _note(r)),
         )
     _show(session, table)
+
+
+def _note(record: dict[str, Any]) -> str:
+    """A record's note, with the versions a skip lists (its ``version`` is the database's)."""
+    note = str(record.get("note") or "")
+    listed = record.get("versions")
+    if isinstance(listed, list) and listed:
+        note += f" (versions {', '.join(map(str, listed))})"
+    return note.strip()
 
 
 def _show(session: Session, table: Table) -> None:

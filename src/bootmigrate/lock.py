@@ -400,14 +400,9 @@ class ControlLock:
             raise ControlLocked("changed", seen, collection=self.collection_name, action="unlock")
         if stopped_inside and seen.running is not None and not finished:
             await self.history.record(_interruption(seen.running, seen, "unlocked by an operator"))
-        step = seen.failure or seen.running or {}
+        # Its version is the database's; the note names the migration the lock was stuck on.
         await self.history.record(
-            Entry.manual(
-                "unlock",
-                seen.version if reached is None else reached,
-                note,
-                name=str(step.get("name") or ""),
-            )
+            Entry.manual("unlock", seen.version if reached is None else reached, note)
         )
         return OperatorChange(True, seen, lease, reached)
 
@@ -1002,9 +997,10 @@ def describe_lock(control: Control, lease: Lease) -> str:
         kind = control.failure.get("kind", "failed")
         direction = control.failure.get("direction") or "up"
         during = "" if direction == "up" else f" during its `{direction}`"
+        name = f" {control.failure['name']}" if control.failure.get("name") else ""
         return (
-            f"stuck at version {control.version}: migration {control.failure.get('version')} "
-            f"{kind}{during}"
+            f"stuck at version {control.version}: migration {control.failure.get('version')}"
+            f"{name} {kind}{during}"
         )
     inside = f", inside {step_label(control.running)}" if control.running else ""
     if lease.expired:
