@@ -23,7 +23,15 @@ from bootmigrate import (
 from bootmigrate.commands import set_version, skip, status, unlock, validate
 from tests.clients import open_client
 from tests.command_monitor import CommandLog
-from tests.in_process import control, failing, history, ran, recorder, recorders
+from tests.in_process import (
+    control,
+    dead_holder_lock,
+    failing,
+    history,
+    ran,
+    recorder,
+    recorders,
+)
 from tests.migration_files import STEP, write_migrations
 from tests.test_lock import lock_for
 
@@ -210,7 +218,7 @@ async def test_records_stamped_by_skewed_clocks_still_count(db: Any) -> None:
 
     history_says = await lock_for(db, "reader").history.in_effect(0, 5)
 
-    assert history_says == {1, 2}
+    assert history_says.done == {1, 2}
 
 
 async def test_set_version_records_each_skipped_version(db: Any) -> None:
@@ -228,18 +236,69 @@ async def test_set_version_records_each_skipped_version(db: Any) -> None:
 async def test_a_version_set_by_hand_is_a_skip_not_a_gap(
     watched: tuple[Any, CommandLog],
 ) -> None:
-    """Rocket.Chat's documented skip: `version` raised by hand in the shell."""
+    """Rocket.Chat's documented skip: `version` raised by hand in the shell. The first boot
+    after it reads the history, records the skip, and brings the ledger up to date."""
     db, commands = watched
     await migrate(db, recorders(1, 2))
     await db.migrations.update_one({"_id": "control"}, {"$set": {"version": 3}})
 
-    assert await commands_of_a_boot(db, commands, recorders(1, 2, 3)) == ["find"]
+    first = await commands_of_a_boot(db, commands, recorders(1, 2, 3))
     report = await migrate(db, recorders(1, 2, 3, 4))
 
+    assert first == ["find", "find", "insert", "update"], first
     assert report.applied == [4]
     by_hand = [r for r in await history(db) if r.get("action") == "set-by-hand"]
     assert [(r["outcome"], r["versions"]) for r in by_hand] == [("skipped", [3])]
     assert await commands_of_a_boot(db, commands, recorders(1, 2, 3, 4)) == ["find"]
+
+
+async def test_a_version_moved_by_a_bootmigrate_that_keeps_no_ledger_is_checked(db: Any) -> None:
+    """An older bootmigrate applied 4 (during a rolling upgrade, or an old CLI): the ledger
+    stayed at 2. A late 3 below 4 is no hand skip: the history shows 4 ran."""
+    await migrate(db, recorders(1, 2))
+    await db.migrations.update_one({"_id": "control"}, {"$set": {"version": 4}})
+    await db.migrations_history.insert_one(
+        {"version": 4, "direction": "up", "outcome": "applied", "name": "step_4"}
+    )
+
+    with pytest.raises(OutOfOrder) as refused:
+        await migrate(db, recorders(1, 2, 3, 4))
+
+    assert refused.value.missing.keys() == {3}
+    assert (await status(db, recorders(1, 2, 3, 4))).state == "out-of-order"
+
+
+async def test_a_second_hand_skip_of_other_versions_is_recorded_too(db: Any) -> None:
+    await migrate(db, recorders(1, 2))
+    await db.migrations.update_one({"_id": "control"}, {"$set": {"version": 4}})
+    await migrate(db, recorders(1, 2, 3, 4))  # records 3 and 4 as set by hand
+    await migrate(db, recorders(1, 2, 3, 4), target=2)  # their downs run
+    await db.migrations.update_one({"_id": "control"}, {"$set": {"version": 4}})
+
+    await migrate(db, recorders(1, 2, 3, 4, 5))
+
+    by_hand = [r["versions"] for r in await history(db) if r.get("action") == "set-by-hand"]
+    assert by_hand == [[3, 4], [3, 4]]
+    assert (await status(db, recorders(1, 2, 3, 4, 5))).state == "up-to-date"
+
+
+async def test_a_dead_holder_inside_an_out_of_order_migration_is_named_within_a_lease(
+    db: Any,
+) -> None:
+    """A replica that does not run out-of-order migrations does not wait out its timeout on
+    a dead holder that did: once it has watched it silent for its lease, it says so."""
+    await migrate(db, recorders(1, 2, 4))
+    ledger = (await control(db) or {})["applied"]
+    await dead_holder_lock(db, version=4, running=3, acquisition="a1")
+    await db.migrations.update_one(
+        {"_id": "control"}, {"$set": {"unfinished.to_version": 4, "applied": ledger}}
+    )
+
+    with pytest.raises(ControlLocked, match="bootmigrate up --out-of-order") as refused:
+        await migrate(db, recorders(1, 2, 3, 4), wait_timeout=60)
+
+    assert refused.value.reason == "unfinished"
+    assert "bootmigrate skip 3" in str(refused.value)
 
 
 async def test_a_fresh_skip_records_what_it_skipped(db: Any) -> None:

@@ -990,7 +990,8 @@ def _print_status(session: Session, found: commands.Status) -> None:
                 + f": below version {found.version}, never applied nor skipped",
             )
         )
-        rows.append(("fix", OUT_OF_ORDER_FIX.format(versions=late)))
+        if found.state == "out-of-order":
+            rows.append(("fix", OUT_OF_ORDER_FIX.format(versions=late)))
     elif found.problem:
         rows.append(("problem", found.problem))
     if lock.locked:

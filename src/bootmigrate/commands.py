@@ -207,7 +207,14 @@ async def status(db: Any, migrations: MigrationSource, settings: Settings | None
     except MigrationError as exc:
         problem = str(exc)
     missing = await _out_of_order(lock, planned, known)
-    if missing and problem is None:
+    # One that ran and stopped (stuck, or unfinished) is the lock's problem, said as such.
+    named = (planned.failure or planned.unfinished_step or {}).get("version")
+    if (
+        missing
+        and problem is None
+        and not control.stuck
+        and named not in {m.version for m in missing}
+    ):
         problem = str(
             OutOfOrder(missing={m.version: m.label() for m in missing}, db_version=planned.version)
         )
@@ -423,7 +430,7 @@ async def skip(
             f"{control.version}, so not due yet; `bootmigrate set-version N` skips migrations "
             "ahead of the database"
         )
-    done = sorted(set(wanted) & await lock.history.in_effect(0, control.version))
+    done = sorted(set(wanted) & (await lock.history.in_effect(0, control.version)).done)
     if done:
         raise InvalidTarget(
             f"cannot skip {', '.join(map(str, sorted(done)))}: already applied or skipped "

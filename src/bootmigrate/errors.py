@@ -233,7 +233,8 @@ class ControlLocked(MigrationError):
         if _late(step):
             settle = (
                 f"`bootmigrate skip {version}` if it is complete (it ran out of order: the "
-                "version stays where it is)"
+                f"version stays where it is), `bootmigrate set-version {start}` if nothing of it "
+                "remains (its next run, out of order or under a new number, starts afresh)"
             )
         elif direction == "down":
             settle = (

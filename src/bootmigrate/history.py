@@ -12,9 +12,9 @@ from typing import Any, Literal
 from bson import ObjectId
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
-from .control import Owner, utc_now
+from .control import Control, Owner, utc_now
 from .errors import ERROR_TEXT_CHARS, shorten
-from .ledger import Survey
+from .ledger import Recorded, Survey, digest_of
 from .plan import Direction
 
 Outcome = Literal["applied", "failed", "interrupted", "skipped", "manual"]
@@ -74,10 +74,12 @@ class Entry:
         return cls(version, name, "manual", action=action, token=token, note=note)
 
 
-def presumed_entry(found: Survey, upto: int | None, token: int | None = None) -> Entry | None:
+def presumed_entry(found: Survey, seen: Control, token: int | None = None) -> Entry | None:
     """The history record of the versions ``found`` takes as done without a record (see
-    :func:`~bootmigrate.ledger.survey`), written before a ledger that counts them; ``upto``
-    is the ledger's before, for a version set by hand. ``None`` if there are none."""
+    :func:`~bootmigrate.ledger.survey`), written before a ledger that counts them; ``seen``
+    is the control document they were found on, ``token`` the holder's if one writes it.
+    ``None`` if there are none."""
+    upto = seen.ledger.upto if seen.ledger is not None else None
     if not found.presumed or found.why is None:
         return None
     if found.why == "baseline":
@@ -90,8 +92,10 @@ def presumed_entry(found: Survey, upto: int | None, token: int | None = None) ->
             f"version set by hand from {upto} to {found.version} (not through bootmigrate): "
             "the migrations in between are taken as skipped"
         )
-    # One record of one finding, however many replicas make it at once.
-    key = f"{found.why}:{upto}:{found.version}"
+    # One record of one finding, however many replicas make it at once from the same reading;
+    # the same finding made again later (after a lock was taken since: a new token) is
+    # another record, which the history's counting needs.
+    key = f"{found.why}:{seen.token}:{upto}:{found.version}:{digest_of(found.presumed):x}"
     return Entry(
         found.version,
         "",
@@ -163,7 +167,7 @@ class History:
             doc["from_version"] = entry.from_version
         return doc
 
-    async def in_effect(self, low: int, high: int) -> frozenset[int]:
+    async def in_effect(self, low: int, high: int) -> Recorded:
         """The versions from ``low`` to ``high`` that the history shows applied or skipped and
         not reverted since: what the control document's ledger summarises.
 
@@ -172,7 +176,7 @@ class History:
         version in effect, each applied ``down`` takes it out; in reality they alternate, so
         a version is in effect when the first kind outnumbers the second."""
         if high < low:
-            return frozenset()
+            return Recorded(frozenset())
         span = {"$gte": low, "$lte": high}
         records = await self._coll.find(
             {
@@ -192,11 +196,15 @@ class History:
             {"version": 1, "versions": 1, "direction": 1, "outcome": 1, "action": 1},
         ).to_list(None)
         balance: dict[int, int] = {}
+        ran: set[int] = set()
         for record in records:
             for version, change in _effect(record):
                 if low <= version <= high:
                     balance[version] = balance.get(version, 0) + change
-        return frozenset(v for v, count in balance.items() if count > 0)
+            if (record.get("outcome"), record.get("direction")) == ("applied", "up"):
+                ran.add(record["version"])
+        done = frozenset(v for v, count in balance.items() if count > 0)
+        return Recorded(done, frozenset(ran & done))
 
     async def skipped(self, versions: Sequence[int]) -> set[int]:
         """Which of ``versions`` were last recorded as skipped by an operator or a fresh

@@ -72,16 +72,12 @@ class Ledger:
         top = min(version, self.upto)
         return [v for v in files if self.since <= v <= top]
 
-    def set_by_hand(self, files: Sequence[int], version: int) -> list[int]:
-        """The versions of ``files`` between ``upto`` and ``version``: skipped by a hand edit
-        of ``version`` that bypassed bootmigrate (they are taken as done)."""
-        return [v for v in files if self.upto < v <= version]
-
     def agrees(self, files: Sequence[int], version: int) -> bool:
-        """Whether every version of ``files`` this ledger speaks for is applied or skipped:
-        the check an up-to-date boot makes, with no I/O. ``False`` when the database was set
-        back by hand below ``upto``: the history then decides."""
-        if version < self.upto:
+        """Whether every version of ``files`` up to ``version`` is applied or skipped: the
+        check an up-to-date boot makes, with no I/O. ``False`` whenever the version moved
+        without the ledger (set by hand, or by a bootmigrate that keeps none): the history
+        then decides."""
+        if version != self.upto:
             return False
         tracked = self.tracked(files, version)
         return len(tracked) == self.count and digest_of(tracked) == self.digest
@@ -127,6 +123,15 @@ Presumed = Literal["set-by-hand", "baseline"]
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What the history says: the versions applied or skipped and not reverted since
+    (``done``), and among them those a recorded ``up`` ran (``ran``)."""
+
+    done: frozenset[int]
+    ran: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class Survey:
     """What the history says of this build's migrations at or below the database's version.
 
@@ -146,32 +151,38 @@ def survey(
     files: Sequence[int],
     version: int,
     ledger: Ledger | None,
-    done: Iterable[int],
+    recorded: Recorded,
 ) -> Survey:
-    """Compare ``files`` (this build's versions) with ``done`` (every version the history
-    shows applied or skipped, and not reverted since), the database being at ``version``.
+    """Compare ``files`` (this build's versions) with what the history ``recorded``, the
+    database being at ``version``.
 
     Without a ledger (a database from Rocket.Chat, or from a bootmigrate that kept none), the
     database is taken as it stands: known versions at or below ``version`` with no record
     are presumed done (``baseline``), since a hand skip made back then cannot be told from a
     gap, and refusing would stop a service that booted fine the day before. With a ledger,
-    versions set by hand past its ``upto`` are presumed done (``set-by-hand``), and a known
-    version it covers with no record is ``missing``. The ledger to write counts every version
-    in effect, known to this build or not (so that builds that know different files agree on
-    it), from ``since``: this build's oldest file, if it no longer ships older ones."""
-    recorded = set(done)
+    a known version it covers with no record is ``missing``. So is one between its ``upto``
+    and ``version`` below a version the history records running there (the version was
+    moved by runs its keeper did not count: an older bootmigrate's); above the last such run,
+    the version was set by hand, and those are presumed skipped (``set-by-hand``). The ledger
+    to write counts every version in effect, known to this build or not (so that builds that
+    know different files agree on it), from ``since``: this build's oldest file, if it no
+    longer ships older ones."""
+    done = set(recorded.done)
     below = [v for v in files if v <= version]
     oldest = files[0] if files else version + 1
     why: Presumed
     if ledger is None:
-        presumed = [v for v in below if v not in recorded]
+        presumed = [v for v in below if v not in done]
         missing: list[int] = []
         since, why = oldest, "baseline"
     else:
-        presumed = [v for v in ledger.set_by_hand(files, version) if v not in recorded]
-        missing = [v for v in ledger.tracked(files, version) if v not in recorded]
+        upto = ledger.upto
+        last_run = max((v for v in recorded.ran if upto < v <= version), default=upto)
+        checked = [v for v in below if v >= ledger.since and (v <= upto or v < last_run)]
+        missing = [v for v in checked if v not in done]
+        presumed = [v for v in below if max(upto, last_run) < v and v not in done]
         since, why = max(ledger.since, oldest), "set-by-hand"
-    kept = [v for v in recorded | set(presumed) if since <= v <= version]
+    kept = [v for v in done | set(presumed) if since <= v <= version]
     return Survey(
         version=version,
         missing=tuple(missing),

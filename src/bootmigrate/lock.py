@@ -48,7 +48,7 @@ from .drivers import address_of, pinned_collection, server_time
 from .errors import ControlLocked, DatabaseUnavailable, LockLost
 from .events import Emitter
 from .history import Entry, History, presumed_entry
-from .ledger import Ledger, Survey, survey
+from .ledger import Ledger, Survey, digest_of, survey
 from .migrations import Migration
 from .plan import Plan, Step
 from .waiting import Deadline, WaitPolicy
@@ -342,7 +342,7 @@ class ControlLock:
                     note="fresh database: recorded as up to date without running migrations "
                     "(fresh='skip')",
                     versions=tuple(skipped),
-                    id="fresh-skip",
+                    id=f"fresh-skip:{version}:{digest_of(skipped):x}",
                 )
             )
             if await self._create(version=version, owner=None, applied=ledger) is None:
@@ -431,7 +431,7 @@ class ControlLock:
                 from_version=seen.version,
             )
         )
-        ledger = None
+        ledger = seen.ledger
         if files is not None:
             ledger = (await self.rebuilt_ledger(seen, files, version)).ledger
         if not seen.exists:
@@ -439,9 +439,9 @@ class ControlLock:
         else:
             update: dict[str, Any] = {"$set": {"version": version}}
             if ledger is not None:
+                # Without the files, the ledger stays as it was: the version moved past it,
+                # and the history (this set-version's record) decides at the next boot.
                 update["$set"]["applied"] = ledger.as_document()
-            else:
-                update["$unset"] = {"applied": ""}
             if seen.unfinished_step is not None or seen.unfinished is not None:
                 # The operator says where the database is: no step is left to finish. Null,
                 # not removed, so that a `running` or `failure` left behind is not read instead.
@@ -506,7 +506,7 @@ class ControlLock:
         return bool((await self.collection.update_one(_unchanged(seen), update)).matched_count)
 
     async def _record_presumed(self, seen: Control, found: Survey) -> None:
-        entry = presumed_entry(found, seen.ledger.upto if seen.ledger is not None else None)
+        entry = presumed_entry(found, seen)
         if entry is not None:
             await self.history.record(entry)
 

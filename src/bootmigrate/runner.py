@@ -703,8 +703,9 @@ class Runner:
         name = self.lock.collection_name
         if control.stuck:
             raise ControlLocked("stuck", control, collection=name)
-        if control.locked:
-            raise LockBusy(control)
+        if control.locked and self.lock.presumed_dead(control) is None:
+            raise LockBusy(control)  # its holder may be running them: see it finish
+        # A dead holder's lock is not this call's to take: it would not run them anyway.
         unfinished = control.unfinished_step
         if unfinished is not None and unfinished.get("version") in found.missing:
             action = "boot without running it"
@@ -767,8 +768,7 @@ class Runner:
             raise OutOfOrder(
                 missing={v: self._where(v) for v in found.missing}, db_version=control.version
             )
-        upto = ledger.upto if ledger is not None else None
-        return found.ledger, presumed_entry(found, upto, held.token)
+        return found.ledger, presumed_entry(found, control, held.token)
 
     def _where(self, version: int) -> str:
         """Where migration ``version`` comes from, for a message."""
