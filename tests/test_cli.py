@@ -597,3 +597,31 @@ def test_down_over_a_skipped_migration_says_it_never_ran(cli: Cli) -> None:
     assert "warning: 2 never ran (recorded as skipped)" in done.stdout
     asked = cli("down", "--to", "0")
     assert "pass --yes" in asked.stderr
+
+
+def test_plan_shows_what_up_would_do_with_a_migration_merged_late(cli: Cli) -> None:
+    late_merge(cli)
+
+    refused = cli("plan")
+    planned = cli.json("plan", "--out-of-order")
+
+    one_line_error(refused, "migration 2 (0002 step_2) is below the database's version 3")
+    assert planned["steps"] == [{"version": 2, "name": "step_2", "direction": "up"}]
+    assert (planned["from_version"], planned["to_version"]) == (3, 3)
+
+
+def test_config_shows_where_out_of_order_is_allowed(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.bootmigrate]\nallow-out-of-order = true\n")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bootmigrate", "config", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli.env,
+        cwd=tmp_path,
+    )
+
+    rows = {row["setting"]: row for row in json.loads(done.stdout)["settings"]}
+    assert rows["allow-out-of-order (up, plan)"]["value"] is True
+    assert rows["allow-out-of-order (up, plan)"]["from"].endswith("pyproject.toml")

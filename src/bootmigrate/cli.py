@@ -415,11 +415,18 @@ def status(session: Session) -> int:
 
 @main.command("plan")
 @click.option("--to", "to", type=int, help="Target version (default: latest).")
+@click.option(
+    "--out-of-order",
+    "allow_out_of_order",
+    is_flag=True,
+    help="As `up --out-of-order` would: migrations below the database's version that never "
+    "ran, first.",
+)
 @common
-def plan_command(session: Session, to: int | None) -> None:
+def plan_command(session: Session, to: int | None, allow_out_of_order: bool) -> None:
     """What `up` (or `--to N`) would run, without running it: no lock, no writes."""
     target: Target = "latest" if to is None else to
-    found = _plan(session, target)
+    found = _plan(session, target, allow_out_of_order=allow_out_of_order)
 
     def human() -> None:
         _print_plan(session, found)
@@ -477,7 +484,7 @@ def up(
             "would create it and run every migration there. Check --db (or BOOTMIGRATE_DB, or "
             "the URI's); for a new database, pass --yes"
         )
-    found = _plan(session, "latest" if to is None else to)
+    found = _plan(session, "latest" if to is None else to, allow_out_of_order=allow_out_of_order)
     if to is not None and found.to_version < found.from_version:
         raise Failure(
             f"--to {to} is below the database version {found.from_version}; "
@@ -805,12 +812,14 @@ def config(session: Session) -> None:
         "lease": session.settings.lease,
         "wait_timeout": session.settings.wait_timeout,
         "shutdown_grace": session.settings.shutdown_grace,
+        "allow_out_of_order": session.settings.allow_out_of_order,
     }
     for name, default in defaults.items():
+        # up's own options (--wait-timeout...) are shown as up sees them
+        scope = {"lease": "", "allow_out_of_order": " (up, plan)"}.get(name, " (up)")
         rows.append(
             {
-                # up's own options (--wait-timeout, --shutdown-grace) are shown as up sees them
-                "setting": name.replace("_", "-") + ("" if name == "lease" else " (up)"),
+                "setting": name.replace("_", "-") + scope,
                 "value": project.values.get(name, default),
                 "from": str(project.path) if name in project.values else "default",
             }
@@ -901,8 +910,8 @@ def _steps_below(session: Session, steps: int) -> int:
     return applied[steps] if steps < len(applied) else 0
 
 
-def _plan(session: Session, target: Target) -> Plan:
-    settings = _checked(session.settings, target=target)
+def _plan(session: Session, target: Target, **options: Any) -> Plan:
+    settings = _checked(session.settings, target=target, **options)
     return session.run(lambda db: commands.plan(db, session.migrations, settings))
 
 

@@ -22,7 +22,7 @@ from .history import Entry
 from .ledger import Survey
 from .lock import ControlLock, Lease, describe_lock
 from .migrations import Migration, MigrationSource, catalog, floor_in_force, load_migrations
-from .plan import Plan, Step, latest_version, plan_for, resolve_target
+from .plan import Plan, Step, latest_version, plan_for, resolve_target, route_for
 from .settings import Settings
 
 State = Literal[
@@ -298,14 +298,27 @@ async def database_exists(db: Any) -> bool:
 
 
 async def plan(db: Any, migrations: MigrationSource, settings: Settings | None = None) -> Plan:
-    """What ``migrate()`` would run from here (to ``settings.target``), without a lock or a
-    write."""
+    """What ``migrate()`` would run from here (to ``settings.target``, or the rerun it
+    names), without a lock or a write: refused as ``migrate()`` refuses migrations out of
+    order (:class:`OutOfOrder`), or running them first if ``settings`` allows them."""
     settings = settings or Settings()
     known, lock = _prepare(db, migrations, settings)
     floor, release = floor_in_force(migrations, settings.floor, settings.floor_release)
-    return plan_for(
-        await lock.read(), known, target=settings.target, floor=floor, floor_release=release
+    control = await lock.read()
+    route = route_for(
+        control,
+        known,
+        target=settings.target,
+        floor=floor,
+        rerun=settings.rerun,
+        floor_release=release,
     )
+    missing = await _out_of_order(lock, control, known)
+    if missing and not settings.allow_out_of_order:
+        raise OutOfOrder(
+            missing={m.version: m.label() for m in missing}, db_version=control.version
+        )
+    return route.with_missing([m.version for m in missing]).plan(known)
 
 
 async def unlock(

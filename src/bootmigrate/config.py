@@ -24,6 +24,8 @@ else:  # pragma: no cover - the standard library has it from 3.11
 SHARED = ("db", "migrations", "collection", "history_collection", "driver", "timeout")
 # Keys for `up` alone, and the one the library's Settings takes without a flag.
 UP_ONLY = ("wait_timeout", "shutdown_grace", "allow_out_of_order")
+# The one `plan` takes too: it shows what `up` would run.
+PLAN_TOO = ("allow_out_of_order",)
 SETTINGS_ONLY = ("lease",)
 KEYS = (*SHARED, *UP_ONLY, *SETTINGS_ONLY)
 # The ones that are `migrate()` options too (the rest are the CLI's: how to connect).
@@ -47,7 +49,9 @@ class ProjectConfig:
         """The defaults each command takes from the section (click's ``default_map``)."""
         shared = {k: v for k, v in self.values.items() if k in SHARED}
         up = {k: v for k, v in self.values.items() if k in UP_ONLY}
-        return {name: {**shared, **(up if name == "up" else {})} for name in commands}
+        plan = {k: v for k, v in up.items() if k in PLAN_TOO}
+        own = {"up": up, "plan": plan}
+        return {name: {**shared, **own.get(name, {})} for name in commands}
 
 
 def find_config(start: Path) -> ProjectConfig:

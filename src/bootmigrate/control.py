@@ -273,8 +273,8 @@ def _check_subdocuments(
                 f"{', '.join(LEDGER_FIELDS)}; {', '.join(wrong)} "
                 f"{'is' if len(wrong) == 1 else 'are'} not",
                 f'Remove it: db.{collection_name}.updateOne({{_id: "control"}}, '
-                "{$unset: {applied: 1}}); the next run that migrates rebuilds it from the "
-                "history, and `bootmigrate repair` does so at once.",
+                "{$unset: {applied: 1}}); the next boot rebuilds it from the history, taking "
+                "any known migration at or below `version` with no history record as applied.",
             )
 
 
