@@ -198,7 +198,7 @@ def test_stuck_lock_status_then_unlock_then_resume(cli: Cli) -> None:
     assert re.search(r"\(failed\) on \S+ at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n", done.stdout)
     assert "RuntimeError: index build failed" in done.stdout
     assert re.search(r'where +File ".*0002_step_2\.py", line 2, in up\n', done.stdout)
-    assert "fix the cause, then: bootmigrate unlock" in done.stdout
+    assert "fix the cause, then: bootmigrate unlock (it runs again from its start" in done.stdout
     assert cli.json("status")["lock"]["failure"]["version"] == 2
 
     unlocked = cli("unlock")
@@ -583,6 +583,8 @@ def test_skip_records_a_late_migration_without_running_it(cli: Cli) -> None:
     assert sorted(d["v"] for d in cli.db.items.find()) == [1, 3]
     assert cli("status").returncode == 0
     assert cli.json("up")["applied"] == []
+    asked = cli("skip", "2")
+    assert "would record 2 as skipped" in asked.stdout and "pass --yes" in asked.stderr
     one_line_error(cli("skip", "2", "--yes"), "cannot skip 2: already applied or skipped")
     one_line_error(cli("skip", "9", "--yes"), "cannot skip 9: not a migration of this build")
 

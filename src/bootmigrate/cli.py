@@ -391,7 +391,8 @@ def main(ctx: click.Context) -> None:
     pyproject.toml, then the defaults; `bootmigrate config` shows which.
 
     Exit codes: 0 success (status: up to date), 1 error, 2 usage, 3 pending migrations,
-    4 locked by a running migration, 5 stuck after a failure, 6 applied migrations changed.
+    4 locked by a running migration, 5 stuck after a failure, 6 applied migrations changed
+    or a migration out of order.
     `wait` uses the same codes for what it found when it gave up. SIGTERM or SIGINT stops a
     command as it stops a booting replica, and exits 128 + the signal (143 for SIGTERM).
     """
@@ -689,6 +690,8 @@ def skip(session: Session, versions: tuple[int, ...], yes: bool) -> None:
     """Record migrations below the database's version that never ran (out of order) as
     skipped, without running them: their change is already there, or must never be made."""
     names = ", ".join(map(str, sorted(set(versions))))
+    if not session.as_json:
+        session.console.print(f"would record {names} as skipped (never run) in history")
     session.confirm(f"Record {names} as skipped, never to run?", yes)
     done = session.run(
         lambda db: commands.skip(db, session.migrations, list(versions), session.settings)
@@ -1105,7 +1108,10 @@ def _stuck_fix(failure: dict[str, Any]) -> str:
             "unlock; else: bootmigrate unlock --force"
         )
     else:
-        fix = "fix the cause, then: bootmigrate unlock"
+        fix = (
+            "fix the cause, then: bootmigrate unlock (it runs again from its start, over "
+            "whatever it wrote before it failed)"
+        )
     if direction != "up" or _finish(failure).endswith("--out-of-order"):
         fix += f", then finish it: {_finish(failure)}"
     return fix

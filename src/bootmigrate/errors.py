@@ -197,7 +197,11 @@ class ControlLocked(MigrationError):
                 "`bootmigrate unlock --force`"
             )
         else:
-            fix = "Fix the cause, then unlock: `bootmigrate unlock`"
+            fix = (
+                "Fix the cause (it runs again from its start, over whatever it wrote before "
+                "it failed: make it safe to repeat, or undo that), then unlock: "
+                "`bootmigrate unlock`"
+            )
         return (
             f"migration {version} {failure.get('name') or ''} {what} on {where} at "
             f"{utc_text(failure.get('at'))}"
