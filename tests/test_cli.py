@@ -529,6 +529,21 @@ def late_merge(cli: Cli) -> None:
     (cli.migrations.parent / "held_back.py").rename(cli.migrations / "0002_step_2.py")
 
 
+def in_project_allowing_out_of_order(
+    cli: Cli, folder: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``bootmigrate ARGS`` run in a project whose [tool.bootmigrate] allows it."""
+    (folder / "pyproject.toml").write_text("[tool.bootmigrate]\nallow-out-of-order = true\n")
+    return subprocess.run(
+        [sys.executable, "-m", "bootmigrate", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli.env,
+        cwd=folder,
+    )
+
+
 def test_status_and_validate_report_a_migration_merged_late_and_exit_6(cli: Cli) -> None:
     late_merge(cli)
 
@@ -559,16 +574,7 @@ def test_up_out_of_order_runs_it_once(cli: Cli) -> None:
 
 def test_out_of_order_can_be_allowed_in_the_project_section(cli: Cli, tmp_path: Path) -> None:
     late_merge(cli)
-    (tmp_path / "pyproject.toml").write_text("[tool.bootmigrate]\nallow-out-of-order = true\n")
-
-    done = subprocess.run(
-        [sys.executable, "-m", "bootmigrate", "up", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli.env,
-        cwd=tmp_path,
-    )
+    done = in_project_allowing_out_of_order(cli, tmp_path, "up", "--json")
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["applied"] == [2]
@@ -613,16 +619,7 @@ def test_plan_shows_what_up_would_do_with_a_migration_merged_late(cli: Cli) -> N
 
 
 def test_config_shows_where_out_of_order_is_allowed(cli: Cli, tmp_path: Path) -> None:
-    (tmp_path / "pyproject.toml").write_text("[tool.bootmigrate]\nallow-out-of-order = true\n")
-
-    done = subprocess.run(
-        [sys.executable, "-m", "bootmigrate", "config", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli.env,
-        cwd=tmp_path,
-    )
+    done = in_project_allowing_out_of_order(cli, tmp_path, "config", "--json")
 
     rows = {row["setting"]: row for row in json.loads(done.stdout)["settings"]}
     assert rows["allow-out-of-order (up, plan)"]["value"] is True
