@@ -8,8 +8,9 @@ document) is a summary of it that the holder keeps in the writes it makes anyway
 
 - ``since``: versions below it are presumed done (they predate the ledger, or this build no
   longer ships them);
-- ``upto``: the version the ledger was last brought to; a ``version`` above it was set by hand
-  (Rocket.Chat's documented skip), and the versions in between are taken as skipped;
+- ``upto``: the version the ledger was last brought to; a ``version`` that differs was moved
+  without it (by hand, Rocket.Chat's documented skip, or by a bootmigrate that keeps no
+  ledger), and the history tells which;
 - ``count`` and ``digest``: how many of the versions from ``since`` to ``upto`` are applied or
   skipped, and the XOR of a 64-bit hash of each (:func:`digest_of`).
 
