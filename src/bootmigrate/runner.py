@@ -710,9 +710,11 @@ class Runner:
         if unfinished is not None and unfinished.get("version") in found.missing:
             action = "boot without running it"
             raise ControlLocked("unfinished", control, collection=name, action=action)
-        raise OutOfOrder(
-            missing={v: self._where(v) for v in found.missing}, db_version=control.version
-        )
+        raise self._out_of_order(control, found)
+
+    def _out_of_order(self, control: Control, found: Survey) -> OutOfOrder:
+        where = {v: self._where(v) for v in found.missing}
+        return OutOfOrder(missing=where, db_version=control.version)
 
     async def _keep(self, control: Control, found: Survey, deadline: Deadline) -> None:
         """Write the ledger ``found`` says, if the document is still as ``control`` (the
@@ -752,22 +754,17 @@ class Runner:
     ) -> tuple[Ledger, Entry | None]:
         """The ledger the lock ``held`` starts its run with, brought up to date from the
         history if it is missing, disagrees with the file names or lags a version set by
-        hand; and the record of the versions that takes as done, if any."""
+        hand (or by a bootmigrate that keeps none); and the record of the versions that takes
+        as done, if any."""
         control = held.control
         if not looked.exists:
             return Ledger(since=0, upto=control.version), None
         ledger = control.ledger
-        if (
-            ledger is not None
-            and ledger.upto == control.version
-            and ledger.agrees(self.known.versions, control.version)
-        ):
+        if ledger is not None and ledger.agrees(self.known.versions, control.version):
             return ledger, None
         found = await self._survey(control, deadline)
         if found.missing and not self.settings.allow_out_of_order:
-            raise OutOfOrder(
-                missing={v: self._where(v) for v in found.missing}, db_version=control.version
-            )
+            raise self._out_of_order(control, found)
         return found.ledger, presumed_entry(found, control, held.token)
 
     def _where(self, version: int) -> str:
