@@ -290,10 +290,11 @@ class Applier:
                 collection=self.held.collection_name,
                 db_version=step.version_before,
                 error=f"{type(exc).__name__}: {exc}",
-                out_of_order=step.direction == "up" and step.version_before == step.version_after,
+                out_of_order=step.out_of_order,
             ) from exc
         state.inside = False
         duration = run.duration()
+        counted = self._counted(step)
         if migration.transactional:  # its record and version committed with the migration
             self._applied(step, duration)
         else:
@@ -302,8 +303,8 @@ class Applier:
             self.held.check_in_touch("before recording a migration applied")
             await self.held.record(self._applied_entry(run))
             self._applied(step, duration)
-            await self.held.advance(step.version_after, then=following, applied=self._counted(step))
-        self.ledger = self._counted(step)
+            await self.held.advance(step.version_after, then=following, applied=counted)
+        self.ledger = counted
         state.done(step)
 
     def _counted(self, step: Step) -> Ledger | None:
@@ -316,7 +317,6 @@ class Applier:
         """The history record of ``run`` applied, naming this acquisition: what a taker looks
         for to tell that the step finished."""
         step = run.step
-        out_of_order = step.direction == "up" and step.version_before == step.version_after
         return run.entry(
             "applied",
             self.held.token,
@@ -324,7 +324,7 @@ class Applier:
             checksum=step.checksum,
             note=(
                 f"out of order: the database was at version {step.version_after}"
-                if out_of_order
+                if step.out_of_order
                 else None
             ),
         )

@@ -253,14 +253,16 @@ async def _out_of_order(
 ) -> list[Migration]:
     """Known migrations below ``control``'s version with no history record of being applied
     or skipped. Unlike a boot, always asks the history (the ledger may be missing or stale)."""
+    found = await _survey(lock, control, known)
+    return [m for m in known if found is not None and m.version in found.missing]
+
+
+async def _survey(lock: ControlLock, control: Control, known: list[Migration]) -> Survey | None:
+    """What the history says of ``known`` at ``control``'s version; ``None`` where a boot
+    checks nothing either (no database yet, or one ahead of this build)."""
     versions = [m.version for m in known]
     if not control.exists or not versions or control.version > versions[-1]:
-        return []
-    found = await _survey(lock, control, versions)
-    return [m for m in known if m.version in found.missing]
-
-
-async def _survey(lock: ControlLock, control: Control, versions: list[int]) -> Survey:
+        return None
     return await lock.survey_history(control, versions)
 
 
@@ -410,11 +412,9 @@ async def repair(
             drift.version, drift.name, "manual", action="repair", note=note, checksum=drift.current
         )
         await lock.history.record(entry)
-    versions = [m.version for m in known]
-    if control.exists and not control.locked and versions and control.version <= versions[-1]:
-        found = await _survey(lock, control, versions)
-        if not found.missing:
-            await lock.keep_ledger(control, found)
+    found = await _survey(lock, control, known)
+    if found is not None and not found.missing and not control.locked:
+        await lock.keep_ledger(control, found)
     return changed
 
 

@@ -79,9 +79,9 @@ def presumed_entry(found: Survey, seen: Control, token: int | None = None) -> En
     :func:`~bootmigrate.ledger.survey`), written before a ledger that counts them; ``seen``
     is the control document they were found on, ``token`` the holder's if one writes it.
     ``None`` if there are none."""
-    upto = seen.ledger.upto if seen.ledger is not None else None
     if not found.presumed or found.why is None:
         return None
+    upto = seen.ledger.upto if seen.ledger is not None else None
     if found.why == "baseline":
         note = (
             "no record of these versions when the ledger of applied migrations was started: "
@@ -207,9 +207,10 @@ class History:
         return Recorded(done, frozenset(ran & done))
 
     async def skipped(self, versions: Sequence[int]) -> set[int]:
-        """Which of ``versions`` were last recorded as skipped by an operator or a fresh
-        database (never run, so running their ``down`` undoes what was never done); a
-        baseline's versions, presumed applied before the history began, are not."""
+        """Which of ``versions`` are in effect by a skip (an operator's, a hand edit's, a
+        fresh database's) and not by a run: running their ``down`` undoes what was never
+        done. A baseline's versions, presumed applied before the history began, count as
+        run. Counted as :meth:`in_effect` counts, not ordered."""
         if not versions:
             return set()
         wanted = list(versions)
@@ -218,18 +219,16 @@ class History:
                 "$or": [{"version": {"$in": wanted}}, {"versions": {"$in": wanted}}],
                 "outcome": {"$in": ["applied", "skipped"]},
             },
-            {"version": 1, "versions": 1, "outcome": 1, "action": 1},
-            sort=[("finished_at", 1), ("_id", 1)],
+            {"version": 1, "versions": 1, "direction": 1, "outcome": 1, "action": 1},
         ).to_list(None)
-        last: dict[int, bool] = {}
+        runs: dict[int, int] = {}
+        skips: dict[int, int] = {}
         for record in records:
-            listed = record.get("versions")
-            if record.get("outcome") == "skipped" and isinstance(listed, list):
-                skip = record.get("action") != "baseline"
-                last.update((v, skip) for v in listed if isinstance(v, int))
-            elif isinstance(record.get("version"), int):
-                last[record["version"]] = record.get("outcome") == "skipped"
-        return {v for v in wanted if last.get(v)}
+            by_skip = record.get("outcome") == "skipped" and record.get("action") != "baseline"
+            tally = skips if by_skip else runs
+            for version, change in _effect(record):
+                tally[version] = tally.get(version, 0) + change
+        return {v for v in wanted if runs.get(v, 0) <= 0 < runs.get(v, 0) + skips.get(v, 0)}
 
     async def applied_by(self, running: dict[str, Any], token: int, acquisition: str) -> bool:
         """Whether the acquisition ``token``/``acquisition`` recorded the step ``running`` (as

@@ -22,7 +22,7 @@ costs a read, never a wrong refusal.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 _BITS64 = (1 << 64) - 1
@@ -60,12 +60,7 @@ class Ledger:
 
     def as_document(self) -> dict[str, Any]:
         """How the control document stores it."""
-        return {
-            "since": self.since,
-            "upto": self.upto,
-            "count": self.count,
-            "digest": self.digest,
-        }
+        return asdict(self)
 
     def tracked(self, files: Sequence[int], version: int) -> list[int]:
         """The versions of ``files`` this ledger speaks for, the database being at
@@ -112,10 +107,10 @@ def read_ledger(raw: Any) -> Ledger | None:
     ``parse_control``); ``None`` if it has none."""
     if not isinstance(raw, Mapping):
         return None
-    return Ledger(int(raw["since"]), int(raw["upto"]), int(raw["count"]), int(raw["digest"]))
+    return Ledger(**{name: int(raw[name]) for name in LEDGER_FIELDS})
 
 
-LEDGER_FIELDS = ("since", "upto", "count", "digest")
+LEDGER_FIELDS = tuple(f.name for f in fields(Ledger))
 
 #: Why versions nobody ran are taken as done when the ledger is brought up to date: the
 #: version was set past them by hand, or they predate the history (a database that came from

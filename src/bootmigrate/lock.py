@@ -412,8 +412,8 @@ class ControlLock:
         """Record the database as being at ``version`` (a skip) without touching the lock,
         refused while a live holder runs unless ``force``. Recorded in history, with each of
         this build's ``files`` it moves past going up listed as skipped; the ledger is
-        rebuilt from the history (or, without ``files``, dropped, for the next run that
-        migrates to rebuild)."""
+        rebuilt from the history (without ``files``, left as it was, for the history to
+        settle at the next boot)."""
         seen = await self.read()
         lease = await self.lease_of(seen)
         await self._refuse_live(seen, lease, "set the version", force)

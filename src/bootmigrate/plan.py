@@ -37,6 +37,12 @@ class Step:
         return self.direction == "down"
 
     @property
+    def out_of_order(self) -> bool:
+        """Whether this step runs a migration below the database's version that never ran:
+        an ``up`` that leaves the version where it is."""
+        return self.direction == "up" and self.version_before == self.version_after
+
+    @property
     def function(self) -> MigrationStep:
         """The migration's ``up`` or ``down``, whichever this step runs."""
         function = self.migration.down if self.reverts else self.migration.up
